@@ -27,7 +27,13 @@ struct Cli {
     client: ClientConfig,
 
     /// Log format on stdout
-    #[arg(long, env = "LOCALUP_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "LOCALUP_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     log_format: LogFormat,
 
     /// Log filter, e.g. info or localup_relay=debug (RUST_LOG syntax)
@@ -97,7 +103,10 @@ fn main() -> ExitCode {
     if let Some(threads) = cli.threads {
         runtime.worker_threads(threads.max(1));
     }
-    let runtime = runtime.enable_all().build().expect("cannot start the async runtime");
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .expect("cannot start the async runtime");
     let result = runtime.block_on(async move {
         let shutdown = shutdown_on_signal();
         match cli.command {
@@ -140,7 +149,10 @@ fn generate_token(args: &GenerateToken) -> ExitCode {
     }
     let expires = claims
         .exp
-        .map(|exp| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(exp)).to_string())
+        .map(|exp| {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(exp))
+                .to_string()
+        })
         .unwrap_or_else(|| "never".into());
     let ports = claims
         .ports
@@ -150,7 +162,9 @@ fn generate_token(args: &GenerateToken) -> ExitCode {
     println!("Subject: {}", claims.sub);
     println!("Expires: {expires}");
     println!("Ports: {ports}");
-    println!("Use it with: localup --port <LOCAL_PORT> --protocol tcp --relay <RELAY_HOST:PORT> --token <TOKEN>");
+    println!(
+        "Use it with: localup --port <LOCAL_PORT> --protocol tcp --relay <RELAY_HOST:PORT> --token <TOKEN>"
+    );
     ExitCode::SUCCESS
 }
 

@@ -54,7 +54,10 @@ pub enum ClientError {
 /// What ended one connection to the relay.
 enum Attempt {
     /// The tunnel was up on this port; it ended for this reason.
-    Lost { port: u16, reason: String },
+    Lost {
+        port: u16,
+        reason: String,
+    },
     /// The tunnel never came up.
     Failed(ConnectFailure),
     Stopped,
@@ -106,7 +109,7 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> Result<()
     };
     let socket = quic::udp_socket(bind)
         .map_err(|error| ClientError::Setup(format!("cannot open a UDP socket: {error}")))?;
-    let mut endpoint = quic::endpoint(socket, None)
+    let mut endpoint = quic::client_endpoint(socket)
         .map_err(|error| ClientError::Setup(format!("cannot start QUIC: {error}")))?;
     endpoint.set_default_client_config(quic_config);
 
@@ -154,7 +157,8 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> Result<()
             }
             ConnectFailure::Unreachable(reason) => {
                 let waited = started.elapsed();
-                let gives_up = !config.connect_timeout.is_zero() && waited >= config.connect_timeout;
+                let gives_up =
+                    !config.connect_timeout.is_zero() && waited >= config.connect_timeout;
                 if !been_up && gives_up {
                     return Err(ClientError::Unreachable {
                         relay: target.relay,
@@ -202,7 +206,15 @@ async fn connect_and_serve(
     };
     println!("✅ TCP tunnel created: {public_addr}");
     info!(port, public_addr = %public_addr, local = %format!("{}:{}", target.local.host, target.local.port), "tunnel up");
-    serve(connection, control, target.local.clone(), config.shutdown_timeout, shutdown, port).await
+    serve(
+        connection,
+        control,
+        target.local.clone(),
+        config.shutdown_timeout,
+        shutdown,
+        port,
+    )
+    .await
 }
 
 type Control = (SendStream, RecvStream);
@@ -217,13 +229,15 @@ async fn connect(
     let connecting = endpoint
         .connect(target.addr, &target.server_name)
         .map_err(|error| ConnectFailure::Unreachable(error.to_string()))?;
-    let connection = connecting.await.map_err(|error| {
-        match trust_failure.lock().unwrap().take() {
-            Some(reason) => ConnectFailure::Untrusted(reason),
-            None => ConnectFailure::Unreachable(describe_connection_error(&error)),
-        }
-    })?;
-    let lost = |error: ConnectionError| ConnectFailure::Unreachable(describe_connection_error(&error));
+    let connection =
+        connecting
+            .await
+            .map_err(|error| match trust_failure.lock().unwrap().take() {
+                Some(reason) => ConnectFailure::Untrusted(reason),
+                None => ConnectFailure::Unreachable(describe_connection_error(&error)),
+            })?;
+    let lost =
+        |error: ConnectionError| ConnectFailure::Unreachable(describe_connection_error(&error));
     let (mut send, mut recv) = connection.open_bi().await.map_err(lost)?;
     let hello = Hello {
         token: token.to_owned(),
@@ -232,14 +246,21 @@ async fn connect(
     frame::write(&mut send, &hello)
         .await
         .map_err(|error| ConnectFailure::Unreachable(error.to_string()))?;
-    let reply = frame::read::<HelloReply, _>(&mut recv).await.map_err(|error| match error {
-        FrameError::Truncated | FrameError::Io(_) => {
-            ConnectFailure::Unreachable(format!("the relay closed the connection during the handshake ({error})"))
-        }
-        other => ConnectFailure::Refused(Refusal::Malformed, format!("the relay sent a bad reply: {other}")),
-    })?;
+    let reply = frame::read::<HelloReply, _>(&mut recv)
+        .await
+        .map_err(|error| match error {
+            FrameError::Truncated | FrameError::Io(_) => ConnectFailure::Unreachable(format!(
+                "the relay closed the connection during the handshake ({error})"
+            )),
+            other => ConnectFailure::Refused(
+                Refusal::Malformed,
+                format!("the relay sent a bad reply: {other}"),
+            ),
+        })?;
     match reply {
-        HelloReply::Accepted { port, public_addr } => Ok((connection, (send, recv), port, public_addr)),
+        HelloReply::Accepted { port, public_addr } => {
+            Ok((connection, (send, recv), port, public_addr))
+        }
         HelloReply::Refused { reason, message } => {
             connection.close(VarInt::from_u32(0), b"refused");
             Err(ConnectFailure::Refused(reason, message))
@@ -273,14 +294,21 @@ async fn serve(
     }
     // Draining: finishing the control stream asks the relay to stop sending new
     // connections and release the port; it closes the connection once open ones end.
-    info!(port, open = streams.len(), "stopping: letting open connections finish");
+    info!(
+        port,
+        open = streams.len(),
+        "stopping: letting open connections finish"
+    );
     let _ = control_send.finish();
     streams.close();
     let drained = async {
         streams.wait().await;
     };
     if tokio::time::timeout(drain_limit, drained).await.is_err() {
-        warn!(port, "connections still open after {drain_limit:?}; closing them");
+        warn!(
+            port,
+            "connections still open after {drain_limit:?}; closing them"
+        );
     }
     connection.close(VarInt::from_u32(0), b"client stopped");
     Attempt::Stopped
@@ -369,7 +397,10 @@ fn describe_connection_error(error: &ConnectionError) -> String {
     match error {
         ConnectionError::TimedOut => "no answer over QUIC (UDP)".into(),
         ConnectionError::ApplicationClosed(close) => {
-            format!("the relay closed the connection: {}", String::from_utf8_lossy(&close.reason))
+            format!(
+                "the relay closed the connection: {}",
+                String::from_utf8_lossy(&close.reason)
+            )
         }
         ConnectionError::ConnectionClosed(close)
             if close.to_string().contains("no_application_protocol")

@@ -22,7 +22,9 @@ pub enum TrustPolicy {
     /// Chains to, or is, a certificate in this file; nothing else.
     CaFile(PathBuf),
     /// System roots, else the fingerprint pinned in this file (recorded on first use).
-    PinOnFirstUse { known_relays: PathBuf },
+    PinOnFirstUse {
+        known_relays: PathBuf,
+    },
     Insecure,
 }
 
@@ -52,7 +54,10 @@ pub fn client_config(
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
                 .map_err(|error| format!("cannot read --relay-ca {}: {error}", path.display()))?;
             if certs.is_empty() {
-                return Err(format!("--relay-ca {} holds no PEM certificate", path.display()));
+                return Err(format!(
+                    "--relay-ca {} holds no PEM certificate",
+                    path.display()
+                ));
             }
             let mut roots = RootCertStore::empty();
             roots.add_parsable_certificates(certs.iter().cloned());
@@ -122,7 +127,11 @@ impl RelayVerifier {
 
     /// Checks the certificate against the pin for this relay, recording it if there
     /// is none yet.
-    fn check_pin(&self, known_relays: &Path, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    fn check_pin(
+        &self,
+        known_relays: &Path,
+        cert: &CertificateDer<'_>,
+    ) -> Result<(), rustls::Error> {
         let presented = fingerprint(cert);
         let known = std::fs::read_to_string(known_relays).unwrap_or_default();
         let pinned = known.lines().find_map(|line| {
@@ -183,7 +192,13 @@ impl ServerCertVerifier for RelayVerifier {
         }
         let chain_error = match &self.webpki {
             Some(webpki) => {
-                match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+                match webpki.verify_server_cert(
+                    end_entity,
+                    intermediates,
+                    server_name,
+                    ocsp_response,
+                    now,
+                ) {
                     Ok(verified) => return Ok(verified),
                     Err(error) => error.to_string(),
                 }
@@ -224,4 +239,3 @@ impl ServerCertVerifier for RelayVerifier {
         self.algorithms.supported_schemes()
     }
 }
-

@@ -114,8 +114,14 @@ mod tests {
     #[test]
     fn parses_ranges_and_single_ports() {
         let range: PortRange = "10000-20000".parse().unwrap();
-        assert_eq!((range.start(), range.end(), range.len()), (10000, 20000, 10001));
-        assert_eq!("16432".parse::<PortRange>().unwrap(), PortRange::single(16432).unwrap());
+        assert_eq!(
+            (range.start(), range.end(), range.len()),
+            (10000, 20000, 10001)
+        );
+        assert_eq!(
+            "16432".parse::<PortRange>().unwrap(),
+            PortRange::single(16432).unwrap()
+        );
         assert_eq!(range.to_string(), "10000-20000");
         assert_eq!(PortRange::single(5).unwrap().to_string(), "5");
     }

@@ -31,7 +31,10 @@ pub enum AllocError {
     #[error(
         "Authentication failed: the token allows ports {allowed}, none of which this relay serves ({range})"
     )]
-    TokenOutsideRange { allowed: PortRange, range: PortRange },
+    TokenOutsideRange {
+        allowed: PortRange,
+        range: PortRange,
+    },
     #[error(
         "Address already in use: port {port} is held by another tunnel; pick another port, or omit --remote-port to have one allocated"
     )]
@@ -89,6 +92,12 @@ struct State {
 pub struct Lease {
     port: u16,
     allocator: Arc<PortAllocator>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("port", &self.port).finish()
+    }
 }
 
 impl Lease {
@@ -197,7 +206,9 @@ impl PortAllocator {
         // make a second pass over ports remembered for other subjects only if needed.
         let offset = rand::rng().random_range(0..allowed.len());
         let scan = allowed.iter().cycle().skip(offset).take(allowed.len());
-        let first_pass = scan.clone().filter(|port| !others_remembered.contains(port));
+        let first_pass = scan
+            .clone()
+            .filter(|port| !others_remembered.contains(port));
         let second_pass = scan.filter(|port| others_remembered.contains(port));
         for port in preferred.into_iter().chain(first_pass).chain(second_pass) {
             let Some(lease) = self.try_lease(port) else {
@@ -300,16 +311,35 @@ mod tests {
         let allocator = allocator(&range.to_string());
         let claims = Claims::new("a");
 
-        let error = allocator.allocate(&claims, Some(range.end() + 1)).await.unwrap_err();
+        let error = allocator
+            .allocate(&claims, Some(range.end() + 1))
+            .await
+            .unwrap_err();
         assert!(matches!(error, AllocError::OutOfRange { .. }));
-        assert!(error.to_string().starts_with("Requested port outside allowed range"));
+        assert!(
+            error
+                .to_string()
+                .starts_with("Requested port outside allowed range")
+        );
 
         let pinned = Claims::new("a").restricted_to(PortRange::single(range.start()).unwrap());
-        let error = allocator.allocate(&pinned, Some(range.end())).await.unwrap_err();
-        assert!(matches!(error, AllocError::NotAllowedByToken { .. }), "{error}");
+        let error = allocator
+            .allocate(&pinned, Some(range.end()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, AllocError::NotAllowedByToken { .. }),
+            "{error}"
+        );
 
-        let _held = allocator.allocate(&claims, Some(range.start())).await.unwrap();
-        let error = allocator.allocate(&claims, Some(range.start())).await.unwrap_err();
+        let _held = allocator
+            .allocate(&claims, Some(range.start()))
+            .await
+            .unwrap();
+        let error = allocator
+            .allocate(&claims, Some(range.start()))
+            .await
+            .unwrap_err();
         assert!(matches!(error, AllocError::HeldByTunnel { .. }), "{error}");
         assert!(error.to_string().starts_with("Address already in use"));
     }
@@ -324,7 +354,10 @@ mod tests {
 
         let outside = Claims::new("a").restricted_to("1000-1001".parse().unwrap());
         let error = allocator.allocate(&outside, None).await.unwrap_err();
-        assert!(matches!(error, AllocError::TokenOutsideRange { .. }), "{error}");
+        assert!(
+            matches!(error, AllocError::TokenOutsideRange { .. }),
+            "{error}"
+        );
     }
 
     #[tokio::test]
@@ -336,7 +369,10 @@ mod tests {
             HashMap::from([("db".to_owned(), range.end())]),
         );
         for _ in 0..5 {
-            let (lease, _) = allocator.allocate(&Claims::new("other"), None).await.unwrap();
+            let (lease, _) = allocator
+                .allocate(&Claims::new("other"), None)
+                .await
+                .unwrap();
             assert_eq!(lease.port(), range.start());
         }
         let (lease, _) = allocator.allocate(&Claims::new("db"), None).await.unwrap();

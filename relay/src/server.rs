@@ -63,7 +63,11 @@ impl Relay {
                 config.localup_addr
             )
         })?;
-        let endpoint = quic::endpoint(socket, Some(identity.server_config()?))?;
+        let endpoint = quic::relay_endpoint(
+            socket,
+            identity.server_config()?,
+            config.jwt_secret.as_bytes(),
+        )?;
         let admin = match config.admin_addr {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -74,11 +78,8 @@ impl Relay {
         };
         let store = PortStore::open(config.database_url.as_deref()).await?;
         let remembered = store.load().await?;
-        let allocator = PortAllocator::new(
-            config.tcp_port_range,
-            config.localup_addr.ip(),
-            remembered,
-        );
+        let allocator =
+            PortAllocator::new(config.tcp_port_range, config.localup_addr.ip(), remembered);
         let shared = Arc::new(Shared {
             config,
             allocator,
@@ -132,7 +133,11 @@ impl Relay {
             }
         }
         let grace = shared.config.shutdown_timeout;
-        info!(tunnels = shared.tunnels.snapshot().len(), ?grace, "shutting down");
+        info!(
+            tunnels = shared.tunnels.snapshot().len(),
+            ?grace,
+            "shutting down"
+        );
         tasks.close();
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             warn!("connections still open after {grace:?}; closing them");
@@ -152,34 +157,49 @@ async fn serve_client(incoming: Incoming, shared: Arc<Shared>, shutdown: Cancell
             return;
         }
     };
-    let (mut control, hello) = match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&connection)).await {
-        Ok(Ok(hello)) => hello,
-        Ok(Err(HelloError::Frame(error, mut control))) => {
-            shared.metrics.protocol_errors.inc();
-            warn!(%client, %error, "dropping client: bad control message");
-            refuse(&connection, &mut control, Refusal::Malformed, error.to_string()).await;
-            connection.close(CLOSE_PROTOCOL_ERROR.0, CLOSE_PROTOCOL_ERROR.1);
-            return;
-        }
-        Ok(Err(HelloError::Connection(error))) => {
-            debug!(%client, %error, "client left before saying hello");
-            return;
-        }
-        Err(_) => {
-            shared.metrics.protocol_errors.inc();
-            warn!(%client, "dropping client: no hello within {HELLO_TIMEOUT:?}");
-            connection.close(CLOSE_PROTOCOL_ERROR.0, CLOSE_PROTOCOL_ERROR.1);
-            return;
-        }
-    };
+    let (mut control, hello) =
+        match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&connection)).await {
+            Ok(Ok(hello)) => hello,
+            Ok(Err(HelloError::Frame(error, mut control))) => {
+                shared.metrics.protocol_errors.inc();
+                warn!(%client, %error, "dropping client: bad control message");
+                refuse(
+                    &connection,
+                    &mut control,
+                    Refusal::Malformed,
+                    error.to_string(),
+                )
+                .await;
+                connection.close(CLOSE_PROTOCOL_ERROR.0, CLOSE_PROTOCOL_ERROR.1);
+                return;
+            }
+            Ok(Err(HelloError::Connection(error))) => {
+                debug!(%client, %error, "client left before saying hello");
+                return;
+            }
+            Err(_) => {
+                shared.metrics.protocol_errors.inc();
+                warn!(%client, "dropping client: no hello within {HELLO_TIMEOUT:?}");
+                connection.close(CLOSE_PROTOCOL_ERROR.0, CLOSE_PROTOCOL_ERROR.1);
+                return;
+            }
+        };
 
     let claims = match Claims::verify(&hello.token, shared.config.jwt_secret.as_bytes()) {
         Ok(claims) => claims,
         Err(error) => {
-            shared.metrics.count_auth_failure(auth_failure_reason(&error));
+            shared
+                .metrics
+                .count_auth_failure(auth_failure_reason(&error));
             warn!(%client, %error, "authentication failed");
             let message = format!("Authentication failed: {error}");
-            refuse(&connection, &mut control.0, Refusal::AuthenticationFailed, message).await;
+            refuse(
+                &connection,
+                &mut control.0,
+                Refusal::AuthenticationFailed,
+                message,
+            )
+            .await;
             return;
         }
     };
@@ -189,7 +209,13 @@ async fn serve_client(incoming: Incoming, shared: Arc<Shared>, shutdown: Cancell
         Err(error) => {
             shared.metrics.count_allocation_failure(error.reason());
             warn!(%client, subject = %claims.sub, %error, "tunnel refused");
-            refuse(&connection, &mut control.0, error.refusal(), error.to_string()).await;
+            refuse(
+                &connection,
+                &mut control.0,
+                error.refusal(),
+                error.to_string(),
+            )
+            .await;
             return;
         }
     };
@@ -271,7 +297,10 @@ async fn carry(connection: Connection, tcp: TcpStream, peer: SocketAddr, tunnel:
             return;
         }
     };
-    if frame::write(&mut send, &StreamHeader { peer }).await.is_err() {
+    if frame::write(&mut send, &StreamHeader { peer })
+        .await
+        .is_err()
+    {
         return;
     }
     match forward(tcp, send, recv, &*tunnel).await {
@@ -302,7 +331,12 @@ async fn read_hello(connection: &Connection) -> Result<(Control, Hello), HelloEr
 
 /// Tells the client why, then waits briefly for it to hang up so the reason is not
 /// lost with the connection.
-async fn refuse(connection: &Connection, control: &mut SendStream, reason: Refusal, message: String) {
+async fn refuse(
+    connection: &Connection,
+    control: &mut SendStream,
+    reason: Refusal,
+    message: String,
+) {
     let reply = HelloReply::Refused { reason, message };
     if frame::write(control, &reply).await.is_ok() {
         let _ = control.finish();

@@ -48,11 +48,10 @@ impl PortStore {
         let PortStore::Database(pool) = self else {
             return Ok(HashMap::new());
         };
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT subject, port FROM port_assignments")
-                .fetch_all(pool)
-                .await
-                .context("cannot read port assignments")?;
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT subject, port FROM port_assignments")
+            .fetch_all(pool)
+            .await
+            .context("cannot read port assignments")?;
         Ok(rows
             .into_iter()
             .filter_map(|(subject, port)| Some((subject, u16::try_from(port).ok()?)))

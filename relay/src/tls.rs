@@ -23,14 +23,20 @@ impl Identity {
     pub fn from_files(cert: &Path, key: &Path) -> anyhow::Result<Self> {
         let chain = CertificateDer::pem_file_iter(cert)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .with_context(|| format!("cannot read certificates from --tls-cert {}", cert.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot read certificates from --tls-cert {}",
+                    cert.display()
+                )
+            })?;
         anyhow::ensure!(
             !chain.is_empty(),
             "--tls-cert {} holds no PEM certificate",
             cert.display()
         );
-        let key = PrivateKeyDer::from_pem_file(key)
-            .with_context(|| format!("cannot read a private key from --tls-key {}", key.display()))?;
+        let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
+            format!("cannot read a private key from --tls-key {}", key.display())
+        })?;
         Ok(Self { chain, key })
     }
 
@@ -45,7 +51,11 @@ impl Identity {
                 return Self::from_files(&cert, &key);
             }
         }
-        let names = vec![domain.to_owned(), "localhost".to_owned(), "127.0.0.1".to_owned()];
+        let names = vec![
+            domain.to_owned(),
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+        ];
         let generated = rcgen::generate_simple_self_signed(names)
             .context("cannot generate a self-signed certificate")?;
         let (cert_pem, key_pem) = (generated.cert.pem(), generated.signing_key.serialize_pem());

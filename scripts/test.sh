@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh Debian machine: installs what the tests need (cached
+# after the first run), checks formatting and lints, then runs every test against real
+# components: relay and client processes on loopback with real PostgreSQL, Redis and
+# SSH; the container images under podman; the operator and charts in a real one-node
+# Kubernetes cluster.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$SECONDS
+step() { echo; echo "=== $* ($((SECONDS - started)) s)"; }
+
+step "dependencies"
+scripts/install-deps.sh
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "unit and end-to-end tests (relay, client, operator units)"
+cargo test --workspace
+
+for suite in scripts/test-images.sh scripts/k8s/run-tests.sh; do
+  if [ -x "$suite" ]; then
+    step "$suite"
+    "$suite"
+  fi
+done
+
+step "all tests passed in $((SECONDS - started)) s"
