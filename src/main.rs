@@ -99,14 +99,20 @@ fn main() -> ExitCode {
     if let Some(Command::GenerateToken(args)) = &cli.command {
         return generate_token(args);
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = cli.threads {
-        runtime.worker_threads(threads.max(1));
+    let runtime = match cli.threads {
+        // One thread keeps a connection's tasks (TCP, QUIC stream, quinn's driver) on
+        // one core: no cross-thread wake-ups on the per-packet path.
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(threads) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads.max(1));
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
     }
-    let runtime = runtime
-        .enable_all()
-        .build()
-        .expect("cannot start the async runtime");
+    .enable_all()
+    .build()
+    .expect("cannot start the async runtime");
     let result = runtime.block_on(async move {
         let shutdown = shutdown_on_signal();
         match cli.command {

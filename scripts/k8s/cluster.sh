@@ -272,12 +272,15 @@ start() {
   # bind 0.0.0.0 + advertise the eth0 IP: a loopback advertise address makes the
   # "kubernetes" Endpoints invalid and pods cannot reach the API.
   # InternalIP first: the node name does not resolve here (kubectl logs/exec need it).
+  # MixedProtocolLBService (alpha in 1.20): the relay's LoadBalancer Service carries the
+  # QUIC control port over UDP beside the tunnels' TCP ports.
   bg "$D/apiserver.log" "$CACHE/kube-apiserver-$V" --etcd-servers="http://127.0.0.1:$E" \
     --cert-dir="$D/certs" --secure-port="$A" --bind-address=0.0.0.0 --advertise-address="$NODE_IP" \
     --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$D/sa.pub" \
     --service-account-signing-key-file="$D/sa.key" --authorization-mode=RBAC \
     --token-auth-file="$D/tokens.csv" --service-cluster-ip-range=$SERVICE_CIDR \
-    --allow-privileged=true --kubelet-preferred-address-types=InternalIP,Hostname
+    --allow-privileged=true --kubelet-preferred-address-types=InternalIP,Hostname \
+    --feature-gates=MixedProtocolLBService=true
   cat > "$D/kubeconfig" <<KC
 apiVersion: v1
 kind: Config

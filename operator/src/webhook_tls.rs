@@ -1,0 +1,233 @@
+//! The webhook's serving certificate and its registration with the API server.
+//!
+//! The certificate is self-signed and kept in a Secret, so every replica serves the same
+//! one and the caBundle written into the MutatingWebhookConfiguration fits them all.
+//! It is replaced only when the names it must cover change (another Service or URL).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+
+use crate::config::Config;
+use crate::resources::{self, MANAGED_BY_LABEL, MANAGER, WebhookTarget};
+
+/// Records which names the stored certificate was made for.
+const NAMES_ANNOTATION: &str = "localup.dev/certificate-names";
+const FIELD_MANAGER: &str = "localup-operator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read or write the webhook certificate Secret {secret}: {source}")]
+    Secret {
+        secret: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot register the webhook in MutatingWebhookConfiguration {name}: {source}")]
+    Registration {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot generate the webhook certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("the Secret {0} holds no usable tls.crt/tls.key")]
+    Unusable(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServingCertificate {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+pub fn target(config: &Config) -> WebhookTarget {
+    match &config.webhook_url {
+        Some(url) => WebhookTarget::Url(url.clone()),
+        None => WebhookTarget::Service {
+            namespace: config.namespace.clone(),
+            name: config.webhook_service.clone(),
+            port: config.webhook_service_port,
+        },
+    }
+}
+
+/// The names the API server may use to reach the webhook.
+pub fn certificate_names(target: &WebhookTarget) -> Vec<String> {
+    match target {
+        WebhookTarget::Service {
+            namespace, name, ..
+        } => vec![
+            name.clone(),
+            format!("{name}.{namespace}"),
+            format!("{name}.{namespace}.svc"),
+            format!("{name}.{namespace}.svc.cluster.local"),
+        ],
+        WebhookTarget::Url(url) => url_host(url).into_iter().collect(),
+    }
+}
+
+fn url_host(url: &str) -> Option<String> {
+    let authority = url.split_once("://")?.1.split('/').next()?;
+    let host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next()?,
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host),
+    };
+    (!host.is_empty()).then(|| host.to_owned())
+}
+
+/// The certificate stored in the Secret, or a new one stored there. Replicas starting
+/// together race to create it: the loser reads the winner's.
+pub async fn ensure_serving_certificate(
+    client: Client,
+    config: &Config,
+    names: &[String],
+) -> Result<ServingCertificate, Error> {
+    let secrets: Api<Secret> = Api::namespaced(client, &config.namespace);
+    let secret_name = &config.webhook_cert_secret;
+    let wrap = |source| Error::Secret {
+        secret: format!("{}/{secret_name}", config.namespace),
+        source,
+    };
+    let wanted = names.join(",");
+    loop {
+        let existing = secrets.get_opt(secret_name).await.map_err(wrap)?;
+        if let Some(secret) = &existing {
+            let made_for = secret
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(NAMES_ANNOTATION));
+            if made_for == Some(&wanted) {
+                return read(secret).ok_or_else(|| Error::Unusable(secret_name.clone()));
+            }
+        }
+        let generated = rcgen::generate_simple_self_signed(names.to_vec())?;
+        let certificate = ServingCertificate {
+            cert_pem: generated.cert.pem(),
+            key_pem: generated.signing_key.serialize_pem(),
+        };
+        let mut secret = tls_secret(secret_name, &wanted, &certificate);
+        let written = match existing {
+            Some(existing) => {
+                secret.metadata.resource_version = existing.metadata.resource_version;
+                secrets
+                    .replace(secret_name, &PostParams::default(), &secret)
+                    .await
+            }
+            None => secrets.create(&PostParams::default(), &secret).await,
+        };
+        match written {
+            Ok(_) => {
+                tracing::info!(secret = %secret_name, names = %wanted, "generated the webhook's serving certificate");
+                return Ok(certificate);
+            }
+            // Another replica wrote it first: use theirs.
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(error) => return Err(wrap(error)),
+        }
+    }
+}
+
+fn tls_secret(name: &str, names: &str, certificate: &ServingCertificate) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY_LABEL.to_owned(),
+                MANAGER.to_owned(),
+            )])),
+            annotations: Some(BTreeMap::from([(
+                NAMES_ANNOTATION.to_owned(),
+                names.to_owned(),
+            )])),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            (
+                "tls.crt".to_owned(),
+                ByteString(certificate.cert_pem.clone().into_bytes()),
+            ),
+            (
+                "tls.key".to_owned(),
+                ByteString(certificate.key_pem.clone().into_bytes()),
+            ),
+        ])),
+        ..Default::default()
+    }
+}
+
+fn read(secret: &Secret) -> Option<ServingCertificate> {
+    let data = secret.data.as_ref()?;
+    let text = |key: &str| String::from_utf8(data.get(key)?.0.clone()).ok();
+    Some(ServingCertificate {
+        cert_pem: text("tls.crt")?,
+        key_pem: text("tls.key")?,
+    })
+}
+
+/// Points the MutatingWebhookConfiguration at this operator with the current caBundle.
+/// Server-side apply with force: the chart ships the same object without the caBundle.
+pub async fn register(
+    client: Client,
+    config: &Config,
+    target: &WebhookTarget,
+    ca_pem: &str,
+) -> Result<(), Error> {
+    let name = &config.webhook_configuration;
+    let configuration = resources::mutating_webhook_configuration(name, target, ca_pem);
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client);
+    let mut object = serde_json::to_value(&configuration).expect("serializable");
+    object["apiVersion"] = "admissionregistration.k8s.io/v1".into();
+    object["kind"] = "MutatingWebhookConfiguration".into();
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(|source| Error::Registration {
+        name: name.clone(),
+        source,
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_target_covers_every_cluster_dns_form() {
+        let target = WebhookTarget::Service {
+            namespace: "localup-system".into(),
+            name: "localup-operator-webhook".into(),
+            port: 443,
+        };
+        assert_eq!(
+            certificate_names(&target),
+            [
+                "localup-operator-webhook",
+                "localup-operator-webhook.localup-system",
+                "localup-operator-webhook.localup-system.svc",
+                "localup-operator-webhook.localup-system.svc.cluster.local",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_url_target_covers_its_host() {
+        let names = |url: &str| certificate_names(&WebhookTarget::Url(url.into()));
+        assert_eq!(names("https://10.0.2.15:9443/mutate"), ["10.0.2.15"]);
+        assert_eq!(names("https://op.example.com/mutate"), ["op.example.com"]);
+        assert_eq!(names("https://[::1]:9443/mutate"), ["::1"]);
+    }
+}
