@@ -119,6 +119,9 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> Result<()
     let mut been_up = false;
     let mut backoff = FIRST_BACKOFF;
     loop {
+        if been_up || backoff > FIRST_BACKOFF {
+            fresh_socket(&endpoint, bind);
+        }
         let attempt = connect_and_serve(
             &endpoint,
             &target,
@@ -179,6 +182,16 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> Result<()
     endpoint.close(VarInt::from_u32(0), b"client stopped");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// Retries go out from a new UDP port. A NAT or kube-proxy's conntrack entry for the
+/// old port can still point at a relay that is gone (a replaced pod) and stays alive
+/// as long as retries keep refreshing it; a new port gets a fresh translation.
+fn fresh_socket(endpoint: &quinn::Endpoint, bind: SocketAddr) {
+    match quic::udp_socket(bind).and_then(|socket| endpoint.rebind(socket)) {
+        Ok(()) => {}
+        Err(error) => debug!(%error, "cannot open a new UDP socket; retrying from the old one"),
+    }
 }
 
 async fn connect_and_serve(
