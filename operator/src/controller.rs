@@ -58,14 +58,22 @@ pub async fn reconcile(tunnel: Arc<TcpTunnel>, ctx: Arc<Context>) -> Result<Acti
     let namespace = tunnel.namespace().unwrap_or_default();
     let api: Api<TcpTunnel> = Api::namespaced(ctx.client.clone(), &namespace);
     let key = tunnel.key();
-    let action = finalizer(&api, FINALIZER, tunnel, |event| async {
+    let action = match finalizer(&api, FINALIZER, tunnel, |event| async {
         match event {
             finalizer::Event::Apply(tunnel) => apply(&tunnel, &ctx).await,
             finalizer::Event::Cleanup(tunnel) => cleanup(&tunnel, &ctx).await,
         }
     })
     .await
-    .map_err(|error| Error::Finalizer(Box::new(error)))?;
+    {
+        Ok(action) => action,
+        // A stale queued event for a tunnel that is already gone: nothing left to do.
+        Err(
+            finalizer::Error::AddFinalizer(kube::Error::Api(status))
+            | finalizer::Error::RemoveFinalizer(kube::Error::Api(status)),
+        ) if status.code == 404 => Action::await_change(),
+        Err(error) => return Err(Error::Finalizer(Box::new(error))),
+    };
     ctx.failures.lock().unwrap().remove(&key);
     Ok(action)
 }
@@ -109,6 +117,11 @@ impl Provisioned {
 async fn apply(tunnel: &TcpTunnel, ctx: &Context) -> Result<Action> {
     let provisioned = provision(tunnel, ctx).await?;
     publish_status(tunnel, ctx, &provisioned).await?;
+    // Only now that the status names the port and the token Secret can the webhook give
+    // the rolled pods their sidecar.
+    if provisioned.token_secret.is_some() {
+        roll_deployments(tunnel, ctx, provisioned.port).await?;
+    }
     // A port this tunnel gave up leaves the relay Service only now that its status no
     // longer records it.
     if tunnel.assigned_port().is_some() && provisioned.port.is_none() {
@@ -169,7 +182,6 @@ async fn provision(tunnel: &TcpTunnel, ctx: &Context) -> Result<Provisioned> {
         }
     };
     let (token_secret, renew_at) = write_token(tunnel, ctx, &trust, relay_address, port).await?;
-    roll_deployments(tunnel, ctx, Some(port)).await?;
     let outcome = match resources::endpoint(&service, config.public_address.as_deref(), port) {
         Some(endpoint) => Outcome::Assigned { port, endpoint },
         None => Outcome::AwaitingAddress {

@@ -396,12 +396,10 @@ pub fn mutating_webhook_configuration(
     ca_pem: &str,
 ) -> MutatingWebhookConfiguration {
     MutatingWebhookConfiguration {
+        // No managed-by label: when the chart ships this object, Helm owns it only while
+        // its own `app.kubernetes.io/managed-by: Helm` stays.
         metadata: ObjectMeta {
             name: Some(name.into()),
-            labels: Some(BTreeMap::from([(
-                MANAGED_BY_LABEL.to_owned(),
-                MANAGER.to_owned(),
-            )])),
             ..Default::default()
         },
         webhooks: Some(vec![MutatingWebhook {

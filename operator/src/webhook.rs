@@ -76,20 +76,19 @@ pub fn decide(
             resources::tunnel_selector(tunnel)
                 .is_ok_and(|selector| resources::selects(&selector, pod.metadata.labels.as_ref()))
         })
-        .filter_map(|tunnel| {
-            let status = tunnel.status.as_ref()?;
-            let secret = status.token_secret.clone()?;
-            Some((tunnel, tunnel.assigned_port()?, secret))
-        })
-        .min_by_key(|(tunnel, _, _)| {
+        .filter_map(|tunnel| Some((tunnel, tunnel.assigned_port()?)))
+        .min_by_key(|(tunnel, _)| {
             (
                 tunnel.metadata.creation_timestamp.clone(),
                 tunnel.name_any(),
             )
         });
-    let Some((tunnel, remote_port, secret)) = selecting else {
-        return Decision::Skip("no ready TcpTunnel selects it");
+    let Some((tunnel, remote_port)) = selecting else {
+        return Decision::Skip("no TcpTunnel with an assigned port selects it");
     };
+    // The operator writes the token Secret before it rolls pods onto the sidecar; the
+    // name is derived rather than read from the status so this cache may lag behind.
+    let secret = resources::token_secret_name(&tunnel.name_any());
     let container =
         resources::sidecar_container(client_image, &secret, tunnel.spec.port, remote_port);
     let volume = resources::sidecar_volume(&secret);

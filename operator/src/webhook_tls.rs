@@ -175,7 +175,10 @@ fn read(secret: &Secret) -> Option<ServingCertificate> {
 }
 
 /// Points the MutatingWebhookConfiguration at this operator with the current caBundle.
-/// Server-side apply with force: the chart ships the same object without the caBundle.
+/// When it does not exist yet (no chart), the whole registration is applied. When it
+/// does (the chart ships it without a caBundle), only the client configuration is
+/// patched, strategically so that the other way of reaching the webhook (`url` versus
+/// `service`) is removed: the API server accepts exactly one.
 pub async fn register(
     client: Client,
     config: &Config,
@@ -183,21 +186,37 @@ pub async fn register(
     ca_pem: &str,
 ) -> Result<(), Error> {
     let name = &config.webhook_configuration;
-    let configuration = resources::mutating_webhook_configuration(name, target, ca_pem);
     let api: Api<MutatingWebhookConfiguration> = Api::all(client);
-    let mut object = serde_json::to_value(&configuration).expect("serializable");
-    object["apiVersion"] = "admissionregistration.k8s.io/v1".into();
-    object["kind"] = "MutatingWebhookConfiguration".into();
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(object),
-    )
-    .await
-    .map_err(|source| Error::Registration {
+    let wrap = |source| Error::Registration {
         name: name.clone(),
         source,
-    })?;
+    };
+    let (params, patch) = if api.get_opt(name).await.map_err(wrap)?.is_some() {
+        let mut client_config =
+            serde_json::to_value(resources::webhook_client_config(target, ca_pem))
+                .expect("serializable");
+        for way in ["url", "service"] {
+            client_config
+                .as_object_mut()
+                .expect("an object")
+                .entry(way)
+                .or_insert(serde_json::Value::Null);
+        }
+        let patch = serde_json::json!({
+            "webhooks": [{"name": resources::WEBHOOK_NAME, "clientConfig": client_config}]
+        });
+        (PatchParams::default(), Patch::Strategic(patch))
+    } else {
+        let configuration = resources::mutating_webhook_configuration(name, target, ca_pem);
+        let mut object = serde_json::to_value(&configuration).expect("serializable");
+        object["apiVersion"] = "admissionregistration.k8s.io/v1".into();
+        object["kind"] = "MutatingWebhookConfiguration".into();
+        (
+            PatchParams::apply(FIELD_MANAGER).force(),
+            Patch::Apply(object),
+        )
+    };
+    api.patch(name, &params, &patch).await.map_err(wrap)?;
     Ok(())
 }
 

@@ -1,0 +1,599 @@
+"""Small helpers for the Kubernetes end-to-end tests: a REST client for the API server
+(token auth from the session kubeconfig, stdlib only), kubectl, polling, JWTs, child
+processes and TCP echo servers."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+HELM = [sys.executable, str(ROOT / "scripts/k8s/helm.py")]
+SYSTEM_NS = "localup-system"
+RELAY = "localup-relay"
+OPERATOR = "localup-operator"
+# The charts' and the operator's defaults: nothing is overridden for the relay range.
+PORT_RANGE = (10000, 20000)
+CONTROL_PORT = 4443
+CLIENT_IMAGE = "ghcr.io/localup-dev/localup-client:0.1.0"
+# An image every node of scripts/k8s/cluster.sh has (pods need not run for these tests).
+POD_IMAGE = "localhost/pause:3.4.1"
+
+GROUP = "localup.dev"
+VERSION = "v1alpha1"
+TUNNELS = f"/apis/{GROUP}/{VERSION}"
+
+
+# ---------------------------------------------------------------- polling
+
+
+class Timeout(AssertionError):
+    pass
+
+
+def wait_for(
+    check: Callable[[], Any],
+    timeout: float = 30,
+    interval: float = 0.2,
+    what: str = "condition",
+    describe: Callable[[], str] | None = None,
+) -> Any:
+    """Polls `check` until it returns something truthy and returns that; on timeout,
+    fails naming `what` and the last value seen (or `describe()`)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    error: Exception | None = None
+    while True:
+        try:
+            last = check()
+            error = None
+            if last:
+                return last
+        except ApiError as e:  # transient API errors: keep polling
+            error = e
+        if time.monotonic() > deadline:
+            detail = describe() if describe else f"last value: {last!r}"
+            if error:
+                detail += f"; last error: {error}"
+            raise Timeout(f"timed out after {timeout:.0f}s waiting for {what}; {detail}")
+        time.sleep(interval)
+
+
+def stays(check: Callable[[], Any], duration: float, interval: float = 0.25, what: str = "condition") -> None:
+    """Asserts `check` stays truthy for `duration` seconds (for "nothing changes")."""
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        value = check()
+        assert value, f"{what} stopped holding: {value!r}"
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------- API server
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: Any, method: str, path: str):
+        self.status = status
+        self.body = body
+        message = body.get("message") if isinstance(body, dict) else body
+        super().__init__(f"{method} {path}: HTTP {status}: {message}")
+
+    @property
+    def message(self) -> str:
+        return self.body.get("message", "") if isinstance(self.body, dict) else str(self.body)
+
+
+class Kube:
+    """Just enough of a Kubernetes client: JSON over HTTPS with the kubeconfig's token."""
+
+    def __init__(self, kubeconfig: str):
+        cfg = yaml.safe_load(Path(kubeconfig).read_text())
+        ctx_name = cfg.get("current-context")
+        ctx = next(c["context"] for c in cfg["contexts"] if c["name"] == ctx_name)
+        cluster = next(c["cluster"] for c in cfg["clusters"] if c["name"] == ctx["cluster"])
+        user = next(u["user"] for u in cfg["users"] if u["name"] == ctx["user"])
+        self.server = cluster["server"].rstrip("/")
+        self.token = user["token"]
+        self.ssl = ssl.create_default_context()
+        if cluster.get("insecure-skip-tls-verify"):
+            self.ssl.check_hostname = False
+            self.ssl.verify_mode = ssl.CERT_NONE
+        elif cluster.get("certificate-authority-data"):
+            self.ssl.load_verify_locations(
+                cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
+            )
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        query: dict | None = None,
+        timeout: float = 30,
+    ) -> Any:
+        url = self.server + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        data = None
+        if body is not None:
+            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(req, context=self.ssl, timeout=timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                parsed = raw.decode(errors="replace")
+            raise ApiError(e.code, parsed, method, path) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ApiError(0, str(e), method, path) from None
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str, **query) -> Any:
+        return self.request("GET", path, query=query or None)
+
+    def get_opt(self, path: str) -> Any:
+        try:
+            return self.get(path)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def items(self, path: str, **query) -> list:
+        return self.get(path, **query)["items"]
+
+    def create(self, path: str, obj: dict) -> Any:
+        return self.request("POST", path, obj)
+
+    def replace(self, path: str, obj: dict) -> Any:
+        return self.request("PUT", path, obj)
+
+    def merge_patch(self, path: str, patch: dict) -> Any:
+        return self.request("PATCH", path, patch, "application/merge-patch+json")
+
+    def json_patch(self, path: str, ops: list) -> Any:
+        return self.request("PATCH", path, ops, "application/json-patch+json")
+
+    def delete(self, path: str, ignore_missing: bool = True, **query) -> Any:
+        try:
+            return self.request("DELETE", path, query=query or None)
+        except ApiError as e:
+            if e.status == 404 and ignore_missing:
+                return None
+            raise
+
+    # -- paths
+    @staticmethod
+    def core(ns: str, plural: str, name: str = "") -> str:
+        return f"/api/v1/namespaces/{ns}/{plural}" + (f"/{name}" if name else "")
+
+    @staticmethod
+    def apps(ns: str, plural: str, name: str = "") -> str:
+        return f"/apis/apps/v1/namespaces/{ns}/{plural}" + (f"/{name}" if name else "")
+
+    @staticmethod
+    def tunnel_path(ns: str, name: str = "") -> str:
+        return f"{TUNNELS}/namespaces/{ns}/tcptunnels" + (f"/{name}" if name else "")
+
+    # -- shortcuts
+    def tunnel(self, ns: str, name: str) -> dict | None:
+        return self.get_opt(self.tunnel_path(ns, name))
+
+    def secret(self, ns: str, name: str) -> dict | None:
+        return self.get_opt(self.core(ns, "secrets", name))
+
+    def secret_data(self, ns: str, name: str) -> dict[str, bytes] | None:
+        s = self.secret(ns, name)
+        if s is None:
+            return None
+        return {k: base64.b64decode(v) for k, v in (s.get("data") or {}).items()}
+
+    def service(self, ns: str, name: str) -> dict | None:
+        return self.get_opt(self.core(ns, "services", name))
+
+    def events(self, ns: str, involved_name: str) -> list:
+        return self.items(
+            self.core(ns, "events"), fieldSelector=f"involvedObject.name={involved_name}"
+        )
+
+
+# ---------------------------------------------------------------- TcpTunnels
+
+
+def tunnel_manifest(name: str, labels: dict, port: int, remote_port: int | None = None) -> dict:
+    spec: dict = {"selector": {"matchLabels": labels}, "port": port}
+    if remote_port is not None:
+        spec["remotePort"] = remote_port
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TcpTunnel",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def ready_condition(tunnel: dict | None) -> dict:
+    for c in ((tunnel or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return c
+    return {}
+
+
+def tunnel_summary(tunnel: dict | None) -> str:
+    if tunnel is None:
+        return "tunnel does not exist"
+    return json.dumps(
+        {
+            "generation": tunnel["metadata"].get("generation"),
+            "finalizers": tunnel["metadata"].get("finalizers"),
+            "status": tunnel.get("status"),
+        },
+        sort_keys=True,
+    )
+
+
+def tunnel_port_names(service: dict) -> dict[str, dict]:
+    return {
+        p["name"]: p for p in service["spec"].get("ports") or [] if p.get("name", "").startswith("tunnel-")
+    }
+
+
+def set_lb_ingress(kube: Kube, ingress: list[dict]) -> None:
+    """Plays the load balancer (MetalLB): writes the relay Service's status."""
+    kube.merge_patch(kube.core(SYSTEM_NS, "services", RELAY) + "/status",
+                     {"status": {"loadBalancer": {"ingress": ingress or None}}})
+
+
+# ---------------------------------------------------------------- JWT (HS256)
+
+
+def _b64url_decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def jwt_decode(token: str) -> tuple[dict, dict]:
+    """Header and claims, without verifying."""
+    header, payload, _sig = token.split(".")
+    return json.loads(_b64url_decode(header)), json.loads(_b64url_decode(payload))
+
+
+def jwt_verify(token: str, secret: bytes) -> bool:
+    header, payload, sig = token.split(".")
+    expected = hmac.new(secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return hmac.compare_digest(expected, _b64url_decode(sig))
+
+
+# ---------------------------------------------------------------- kubectl
+
+
+def kubectl(*args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        ["kubectl", *args], input=input, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+# ---------------------------------------------------------------- network
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 2) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as e:
+        return 0, str(e)
+
+
+class EchoServer:
+    """A TCP echo server on 127.0.0.1 (a thread per connection)."""
+
+    def __init__(self, port: int = 0):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    try:
+                        conn.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    return
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def echo_roundtrip(port: int, payload: bytes, timeout: float = 60) -> bytes:
+    """Sends `payload` to 127.0.0.1:port while reading the echo back; half-closes after
+    sending and returns everything received until the peer closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        def send() -> None:
+            view = memoryview(payload)
+            for i in range(0, len(view), 65536):
+                s.sendall(view[i : i + 65536])
+            s.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        chunks = []
+        while True:
+            data = s.recv(262144)
+            if not data:
+                break
+            chunks.append(data)
+        sender.join(timeout)
+        return b"".join(chunks)
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Process:
+    """A child process with its output in a log file; stopped by its pid only."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict | None = None):
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_dir = log_dir
+        self.runs = 0
+        self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+
+    def start(self) -> "Process":
+        assert not self.running(), f"{self.name} already running"
+        self.runs += 1
+        self.log_path = self.log_dir / f"{self.name}.{self.runs}.log"
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def output(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def all_output(self) -> str:
+        return "\n".join(
+            (self.log_dir / f"{self.name}.{i}.log").read_text(errors="replace")
+            for i in range(1, self.runs + 1)
+            if (self.log_dir / f"{self.name}.{i}.log").exists()
+        )
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.output().splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------- helm and manifests
+
+
+def helm(*args: str, kubeconfig: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if kubeconfig:
+        env["KUBECONFIG"] = kubeconfig
+    proc = subprocess.run([*HELM, *args], capture_output=True, text=True, env=env, timeout=180)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
+    return proc
+
+
+def pod_manifest(name: str, labels: dict, extra_containers: list | None = None) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "automountServiceAccountToken": False,
+            "containers": [
+                {"name": "app", "image": POD_IMAGE, "imagePullPolicy": "Never"},
+                *(extra_containers or []),
+            ],
+        },
+    }
+
+
+# ---------------------------------------------------------------- the operator as a host process
+
+
+def target_dir() -> Path:
+    return Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
+
+
+def service_account_kubeconfig(kube: Kube, ns: str, sa: str, path: Path) -> Path:
+    """A kubeconfig with the token of ServiceAccount ns/sa (1.20: its token Secret)."""
+    def token():
+        account = kube.get_opt(kube.core(ns, "serviceaccounts", sa)) or {}
+        for ref in account.get("secrets") or []:
+            data = kube.secret_data(ns, ref["name"]) or {}
+            if data.get("token"):
+                return data["token"].decode()
+        return None
+
+    value = wait_for(token, timeout=30, what=f"the token Secret of ServiceAccount {ns}/{sa}")
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {"server": kube.server, "insecure-skip-tls-verify": True}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "local", "user": sa, "namespace": ns}}],
+        "current-context": "sa",
+        "users": [{"name": sa, "user": {"token": value}}],
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o644)
+    return path
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^(\S+?)(\{[^}]*\})?\s+(\S+)", line)
+        if m:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+class Operator:
+    """target/debug/localup-operator as a host process: the chart's configuration (as
+    defaults), its ServiceAccount's permissions, the webhook at --webhook-url."""
+
+    def __init__(self, kube: Kube, binary: Path, kubeconfig: Path, webhook_url: str, webhook_port: int,
+                 log_dir: Path, name: str = "operator", extra_args: list[str] | None = None):
+        self.kube = kube
+        self.webhook_url = webhook_url
+        self.metrics_port = free_port()
+        self.kubeconfig = kubeconfig
+        self.name = name
+        argv = [
+            str(binary),
+            "--webhook-url", webhook_url,
+            "--webhook-addr", f"0.0.0.0:{webhook_port}",
+            "--metrics-addr", f"127.0.0.1:{self.metrics_port}",
+            *(extra_args or []),
+        ]
+        env = dict(os.environ)
+        env.update(KUBECONFIG=str(kubeconfig), POD_NAMESPACE=SYSTEM_NS, 
+                   LOCALUP_LOG=os.environ.get("LOCALUP_OPERATOR_LOG", "info"))
+        self.process = Process(name, argv, log_dir, env)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    def running(self) -> bool:
+        return self.process.running()
+
+    def _alive(self) -> None:
+        if not self.process.running():
+            raise AssertionError(
+                f"the operator exited with status {self.process.proc.returncode}; log:\n{self.process.tail(40)}"
+            )
+
+    def metrics(self) -> dict[str, float]:
+        status, body = http_get(self.base + "/metrics")
+        assert status == 200, f"GET /metrics answered {status}: {body[:200]}"
+        return parse_metrics(body)
+
+    def reconciles(self, include_errors: bool = False) -> float:
+        return sum(
+            v for k, v in self.metrics().items()
+            if k.startswith("localup_operator_reconciles") and (include_errors or 'result="error"' not in k)
+        )
+
+    @property
+    def identity(self) -> str:
+        """Its name in the Lease: new for every start, as a replacement pod's name is."""
+        return f"{self.name}-{self.process.runs}"
+
+    def start(self, wait_leader: bool = True) -> "Operator":
+        self.process.env["POD_NAME"] = f"{self.name}-{self.process.runs + 1}"
+        self.process.start()
+
+        def ready():
+            self._alive()
+            return http_get(self.base + "/readyz")[0] == 200
+
+        wait_for(ready, timeout=60, what="the operator's /readyz to answer 200",
+                 describe=lambda: f"log:\n{self.process.tail(30)}")
+        if wait_leader:
+            def leading():
+                self._alive()
+                return self.metrics().get("localup_operator_leader") == 1
+            wait_for(leading, timeout=60, what="the operator to hold the Lease (localup_operator_leader 1)",
+                     describe=lambda: f"log:\n{self.process.tail(30)}")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        return self.process.stop(sig)
+
+    def restart(self, sig: int = signal.SIGTERM) -> "Operator":
+        self.stop(sig)
+        return self.start()
+
+    def ensure_running(self) -> "Operator":
+        if not self.running():
+            self.start()
+        return self

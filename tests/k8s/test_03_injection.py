@@ -1,0 +1,208 @@
+"""The mutating webhook (served by the host-process operator at --webhook-url, called by
+the real API server): which pods get the localup-client sidecar, and what it looks like.
+Also the operator's webhook certificate and registration, and Deployments rolled when a
+tunnel gets (or loses) its port."""
+from __future__ import annotations
+
+import base64
+import subprocess
+
+from helpers import (
+    CLIENT_IMAGE,
+    OPERATOR,
+    POD_IMAGE,
+    SYSTEM_NS,
+    pod_manifest,
+    wait_for,
+)
+
+SIDECAR = "localup-client"
+
+
+def create_pod(kube, ns: str, name: str, labels: dict, extra_containers: list | None = None) -> dict:
+    """Creates the pod; the API server's answer is the pod as admitted (after webhooks)."""
+    return kube.create(kube.core(ns, "pods"), pod_manifest(name, labels, extra_containers))
+
+
+def container_names(pod: dict) -> list[str]:
+    return [c["name"] for c in pod["spec"]["containers"]]
+
+
+def assert_untouched(pod: dict, containers: list[str]) -> None:
+    assert container_names(pod) == containers, f"containers changed: {container_names(pod)}"
+    assert "localup.dev/tunnel" not in (pod["metadata"].get("annotations") or {}), pod["metadata"]
+    assert not any(v["name"].startswith("localup") for v in pod["spec"].get("volumes") or []
+                   ), pod["spec"].get("volumes")
+
+
+def test_operator_webhook_certificate_and_registration(kube, op, webhook_url, cluster):
+    secret = kube.secret(SYSTEM_NS, f"{OPERATOR}-webhook-tls")
+    assert secret and secret["type"] == "kubernetes.io/tls", secret
+    crt = base64.b64decode(secret["data"]["tls.crt"])
+    text = subprocess.run(["openssl", "x509", "-noout", "-text"], input=crt, capture_output=True,
+                          check=True).stdout.decode()
+    assert f"IP Address:{cluster['NODE_IP']}" in text, f"the serving cert must cover the URL's host:\n{text}"
+    mwc = kube.get(f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{OPERATOR}")
+    (hook,) = mwc["webhooks"]
+    assert hook["clientConfig"].get("url") == webhook_url, hook["clientConfig"]
+    assert "service" not in hook["clientConfig"], hook["clientConfig"]
+    assert base64.b64decode(hook["clientConfig"]["caBundle"]) == crt, "caBundle must be the serving certificate"
+    # The chart's settings survive the operator's server-side apply.
+    assert hook["failurePolicy"] == "Ignore" and hook["timeoutSeconds"] == 5
+    assert hook["namespaceSelector"]["matchExpressions"][0]["key"] == "localup.dev/injection"
+
+
+def test_matching_pod_gets_the_sidecar(kube, op, ns, tunnels):
+    tunnels.create(ns, "db", labels={"app": "db"}, port=5432, remote_port=19101)
+    tunnels.wait_port(ns, "db")
+    token = kube.secret_data(ns, "db-localup-token")["token"].decode()
+
+    pod = create_pod(kube, ns, "db-0", {"app": "db", "tier": "data"})
+    assert container_names(pod) == ["app", SIDECAR], f"sidecar not injected: {container_names(pod)}"
+    assert pod["metadata"]["annotations"]["localup.dev/tunnel"] == "db"
+    side = pod["spec"]["containers"][1]
+    assert side["image"] == CLIENT_IMAGE
+    assert side["args"] == ["--port", "5432", "--protocol", "tcp", "--remote-port", "19101"], side["args"]
+    assert "command" not in side, "the client image's ENTRYPOINT (/localup) must run"
+    env = {e["name"]: e for e in side["env"]}
+    for name, key in (("LOCALUP_RELAY", "relay"), ("LOCALUP_TOKEN", "token")):
+        assert "value" not in env[name], f"{name} must come from the Secret, not be inlined"
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "db-localup-token"
+        assert env[name]["valueFrom"]["secretKeyRef"]["key"] == key
+    assert env["LOCALUP_RELAY_CA"]["value"] == "/etc/localup/ca.crt"
+    assert token not in str(pod), "the token must never appear in the pod spec"
+    (mount,) = side["volumeMounts"]
+    assert mount["mountPath"] == "/etc/localup" and mount.get("readOnly") is True
+    volume = {v["name"]: v for v in pod["spec"]["volumes"]}[mount["name"]]
+    assert volume["secret"]["secretName"] == "db-localup-token"
+    assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt"]
+    sc = side.get("securityContext") or {}
+    assert sc.get("runAsNonRoot") and sc.get("readOnlyRootFilesystem"), sc
+    # What the API server stored is what it answered.
+    stored = kube.get(kube.core(ns, "pods", "db-0"))
+    assert container_names(stored) == ["app", SIDECAR]
+
+
+def test_pods_the_tunnels_must_not_touch(kube, op, namespaces, tunnels):
+    ns = namespaces.create()
+    other = namespaces.create(suffix="-other")
+    tunnels.create(ns, "db", labels={"app": "db"}, port=5432, remote_port=19102)
+    tunnels.wait_port(ns, "db")
+
+    # Matching no selector.
+    assert_untouched(create_pod(kube, ns, "web", {"app": "web"}), ["app"])
+    # No labels at all.
+    assert_untouched(create_pod(kube, ns, "bare", {}), ["app"])
+    # Same labels, another namespace.
+    assert_untouched(create_pod(kube, other, "db-0", {"app": "db"}), ["app"])
+    # Already carrying a localup-client container: left exactly as it is.
+    own = {"name": SIDECAR, "image": POD_IMAGE, "imagePullPolicy": "Never", "args": ["mine"]}
+    pod = create_pod(kube, ns, "db-own", {"app": "db"}, [own])
+    assert_untouched(pod, ["app", SIDECAR])
+    assert pod["spec"]["containers"][1]["args"] == ["mine"]
+    # And the matching one next to them does get it (the webhook was alive throughout).
+    assert container_names(create_pod(kube, ns, "db-1", {"app": "db"})) == ["app", SIDECAR]
+
+
+def test_opted_out_and_operator_namespaces_are_never_injected(kube, op, namespaces, tunnels):
+    disabled = namespaces.create(labels={"localup.dev/injection": "disabled"})
+    tunnels.create(disabled, "db", labels={"app": "db"}, remote_port=19103)
+    tunnels.wait_port(disabled, "db")
+    assert_untouched(create_pod(kube, disabled, "db-0", {"app": "db"}), ["app"])
+
+    # The operator's own namespace: a tunnel there still gets its port, but no pod of
+    # that namespace is ever changed.
+    name = "own-ns-db"
+    try:
+        tunnels.create(SYSTEM_NS, name, labels={"app": name}, remote_port=19104)
+        tunnels.wait_port(SYSTEM_NS, name)
+        assert_untouched(create_pod(kube, SYSTEM_NS, f"{name}-0", {"app": name}), ["app"])
+    finally:
+        kube.delete(kube.core(SYSTEM_NS, "pods", f"{name}-0"), gracePeriodSeconds="0")
+        kube.delete(kube.tunnel_path(SYSTEM_NS, name))
+        wait_for(lambda: kube.tunnel(SYSTEM_NS, name) is None, timeout=30, what=f"{SYSTEM_NS}/{name} deleted")
+
+
+def test_pods_created_before_the_tunnel_has_a_port_are_admitted_unchanged(kube, op, ns, tunnels):
+    # A tunnel that cannot get its port (out of range) does not inject.
+    tunnels.create(ns, "nope", labels={"app": "db"}, remote_port=80)
+    tunnels.wait_reason(ns, "nope", "PortOutOfRange")
+    assert_untouched(create_pod(kube, ns, "db-0", {"app": "db"}), ["app"])
+
+
+def deployment(name: str, labels: dict) -> dict:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "terminationGracePeriodSeconds": 0,
+                    "automountServiceAccountToken": False,
+                    "containers": [{"name": "app", "image": POD_IMAGE, "imagePullPolicy": "Never"}],
+                },
+            },
+        },
+    }
+
+
+def template_annotations(kube, ns: str, name: str) -> dict:
+    dep = kube.get(kube.apps(ns, "deployments", name))
+    return dep["spec"]["template"]["metadata"].get("annotations") or {}
+
+
+def test_deployments_are_rolled_onto_and_off_the_sidecar(kube, op, ns, tunnels):
+    kube.create(kube.apps(ns, "deployments"), deployment("web", {"app": "web"}))
+    kube.create(kube.apps(ns, "deployments"), deployment("other", {"app": "other"}))
+    # Its first pod, created before any tunnel: no sidecar.
+    first = wait_for(lambda: kube.items(kube.core(ns, "pods"), labelSelector="app=web"), timeout=30,
+                     what="the Deployment's first pod")
+    assert container_names(first[0]) == ["app"]
+
+    tunnels.create(ns, "web", labels={"app": "web"}, port=8080, remote_port=19105)
+    tunnels.wait_port(ns, "web")
+    key = "tunnels.localup.dev/web"
+    wait_for(lambda: template_annotations(kube, ns, "web").get(key) == "19105", timeout=30,
+             what=f"pod-template annotation {key}: \"19105\" on Deployment web",
+             describe=lambda: str(template_annotations(kube, ns, "web")))
+    assert key not in template_annotations(kube, ns, "other"), "a Deployment the tunnel does not select was rolled"
+
+    def injected_pod():
+        pods = kube.items(kube.core(ns, "pods"), labelSelector="app=web")
+        return [p for p in pods if SIDECAR in container_names(p)]
+
+    def pods_now():
+        return "pods: " + "; ".join(
+            f"{p['metadata']['name']} (created {p['metadata']['creationTimestamp']}) containers={container_names(p)} "
+            f"annotations={p['metadata'].get('annotations')}"
+            for p in kube.items(kube.core(ns, "pods"), labelSelector="app=web"))
+
+    (pod,) = wait_for(injected_pod, timeout=30, what="a new pod of Deployment web with the sidecar",
+                      describe=pods_now)
+    assert pod["metadata"]["annotations"]["localup.dev/tunnel"] == "web"
+    assert pod["spec"]["containers"][1]["args"][-1] == "19105"
+    events = {e["reason"] for e in kube.events(ns, "web")}
+    assert "RolledOut" in events, events
+
+    # Deleting the tunnel rolls the Deployment back: the annotation goes, new pods have no sidecar.
+    kube.delete(kube.tunnel_path(ns, "web"))
+    wait_for(lambda: key not in template_annotations(kube, ns, "web"), timeout=30,
+             what=f"annotation {key} to be removed from Deployment web",
+             describe=lambda: str(template_annotations(kube, ns, "web")))
+
+    def rolled_back():
+        dep = kube.get(kube.apps(ns, "deployments", "web"))
+        rs = [r for r in kube.items(kube.apps(ns, "replicasets"), labelSelector="app=web")
+              if r["metadata"]["annotations"].get("deployment.kubernetes.io/revision")
+              == dep["metadata"]["annotations"].get("deployment.kubernetes.io/revision")]
+        if not rs:
+            return None
+        hash_ = rs[0]["metadata"]["labels"]["pod-template-hash"]
+        pods = kube.items(kube.core(ns, "pods"), labelSelector=f"app=web,pod-template-hash={hash_}")
+        return pods and all(container_names(p) == ["app"] for p in pods)
+
+    wait_for(rolled_back, timeout=30, what="the Deployment's newest pods to come without the sidecar")
