@@ -59,10 +59,17 @@ pub async fn forward(
         quic_to_tcp(&mut recv, &mut tcp_write, meter),
     );
     match result {
-        Ok((tcp_to_quic, quic_to_tcp)) => Ok(Totals {
-            tcp_to_quic,
-            quic_to_tcp,
-        }),
+        Ok((tcp_to_quic, quic_to_tcp)) => {
+            // finish() only queues the FIN: wait until the peer has it all, or a
+            // connection close right after (a drain, the end of a tunnel) would discard
+            // the tail and the far TCP side would see a reset instead of the end. Bounded:
+            // it ends when the connection is lost, and drains have their own timeout.
+            let _ = send.stopped().await;
+            Ok(Totals {
+                tcp_to_quic,
+                quic_to_tcp,
+            })
+        }
         Err(error) => {
             let _ = send.reset(TCP_ABORTED);
             let _ = recv.stop(TCP_ABORTED);

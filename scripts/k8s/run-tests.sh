@@ -46,6 +46,12 @@ if [ -z "${LOCALUP_SKIP_BUILD:-}" ]; then
   log "cargo build -p localup -p localup-operator"
   cargo build --quiet -p localup -p localup-operator
 fi
+SUITES=${LOCALUP_K8S_SUITES:-tests/k8s tests/cluster}
+# The in-cluster suite runs the real images (cached: only what changed is rebuilt).
+if [ -z "${LOCALUP_SKIP_BUILD:-}" ] && [[ " $SUITES " == *" tests/cluster "* ]]; then
+  log "scripts/build-images.sh"
+  "$ROOT/scripts/build-images.sh" >/dev/null
+fi
 for bin in localup localup-operator; do
   [ -x "$TARGET/debug/$bin" ] || die "$TARGET/debug/$bin missing (cargo build -p localup -p localup-operator)"
 done
@@ -81,7 +87,7 @@ mkdir -p "$LOCALUP_K8S_ARTIFACTS"
 log "cluster up after $((SECONDS - t0)) s; artifacts in $LOCALUP_K8S_ARTIFACTS"
 
 rc=0
-for suite in ${LOCALUP_K8S_SUITES:-tests/k8s tests/cluster}; do
+for suite in $SUITES; do
   [ -f "$ROOT/$suite/conftest.py" ] || { log "no suite in $suite, skipped"; continue; }
   log "pytest $suite"
   status=0
