@@ -7,7 +7,7 @@
 - pgbench through the in-cluster tunnel beside pgbench straight to the pod IP;
 - memory at idle: the node's Kubernetes processes, and our relay, operator and sidecar.
 
-    scripts/k8s/run-figures.sh        (starts a cluster, builds and imports the images)
+    bench/cluster-figures.sh          (builds the images, starts a cluster, measures, stops it)
 
 Uses an already running cluster when CLUSTER_DIR/KUBECONFIG/NODE_IP are set.
 """

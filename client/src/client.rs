@@ -24,6 +24,11 @@ const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HELLO_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// Right after losing a relay that was up, it is most likely restarting (a replaced pod,
+/// a deploy): retry at least this often for the first RESTART_WINDOW, so the tunnel is
+/// back within a second of the relay, then back off further.
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+const RESTART_WINDOW: Duration = Duration::from_secs(30);
 /// Stream error code telling the relay the local service could not be reached.
 const LOCAL_UNREACHABLE: VarInt = VarInt::from_u32(2);
 
@@ -118,6 +123,7 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> Result<()
     let mut requested_port = config.remote_port;
     let mut been_up = false;
     let mut backoff = FIRST_BACKOFF;
+    let mut lost_at: Option<Instant> = None;
     loop {
         if been_up || backoff > FIRST_BACKOFF {
             fresh_socket(&endpoint, bind);
@@ -136,6 +142,7 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> Result<()
             Attempt::Lost { port, reason } => {
                 been_up = true;
                 backoff = FIRST_BACKOFF;
+                lost_at = Some(Instant::now());
                 requested_port = Some(port);
                 warn!(relay = %target.relay, %reason, port, "lost the relay; reconnecting for the same port");
                 continue;
@@ -177,7 +184,13 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> Result<()
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(jittered(backoff)) => {}
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        let restarting = lost_at.is_some_and(|lost| lost.elapsed() < RESTART_WINDOW);
+        let cap = if restarting {
+            RESTART_BACKOFF
+        } else {
+            MAX_BACKOFF
+        };
+        backoff = (backoff * 2).min(cap);
     }
     endpoint.close(VarInt::from_u32(0), b"client stopped");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
