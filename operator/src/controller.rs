@@ -117,10 +117,14 @@ impl Provisioned {
 async fn apply(tunnel: &TcpTunnel, ctx: &Context) -> Result<Action> {
     let provisioned = provision(tunnel, ctx).await?;
     publish_status(tunnel, ctx, &provisioned).await?;
-    // Only now that the status names the port and the token Secret can the webhook give
-    // the rolled pods their sidecar.
-    if provisioned.token_secret.is_some() {
-        roll_deployments(tunnel, ctx, provisioned.port).await?;
+    match (&provisioned.token_secret, provisioned.port) {
+        // Only now that the status names the port and the token Secret can the webhook
+        // give the rolled pods their sidecar.
+        (Some(_), port) => roll_deployments(tunnel, ctx, port).await?,
+        // No port any more (a conflicting or invalid spec): pods lose the sidecar.
+        (None, None) => roll_deployments(tunnel, ctx, None).await?,
+        // The port is held but the relay is not reachable yet: pods stay as they are.
+        (None, Some(_)) => {}
     }
     // A port this tunnel gave up leaves the relay Service only now that its status no
     // longer records it.

@@ -58,9 +58,11 @@ def wait_full_pass(kube, op) -> None:
 def make_ready_tunnels(kube, ns, tunnels) -> list[str]:
     tunnels.create(ns, "r-auto", labels={"app": "a"})
     tunnels.create(ns, "r-fixed", labels={"app": "b"}, remote_port=19301)
-    tunnels.create(ns, "r-conflict", labels={"app": "c"}, remote_port=19301)
     for n in ("r-auto", "r-fixed"):
         tunnels.wait_reason(ns, n, "Assigned", "True")
+    # Created only once r-fixed holds the port: which of two simultaneous requests wins
+    # is up to the order the operator sees them in.
+    tunnels.create(ns, "r-conflict", labels={"app": "c"}, remote_port=19301)
     tunnels.wait_reason(ns, "r-conflict", "PortConflict", "False")
     return ["r-auto", "r-fixed", "r-conflict"]
 
