@@ -19,6 +19,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 /// full, so bulk transfers move in large chunks: per-chunk costs dominate at high rates.
 const FIRST_READ: usize = 16 * 1024;
 const LARGEST_READ: usize = 256 * 1024;
+/// Reads smaller than this are copied into a chunk of their own size.
+const COPY_BELOW: usize = 4 * 1024;
 /// How many received QUIC chunks are gathered into one `writev`.
 const CHUNKS_PER_WRITE: usize = 32;
 
@@ -106,10 +108,17 @@ async fn tcp_to_quic(
                 }
                 total += read as u64;
                 meter.tcp_to_quic(read as u64);
-                // Hand the bytes to quinn without copying; it frees them once acknowledged.
-                send.write_chunk(buffer.split().freeze())
-                    .await
-                    .map_err(io::Error::other)?;
+                // Quinn keeps a chunk until the peer acknowledges it. Small reads are
+                // copied out and the buffer dropped, so a connection waiting for data
+                // holds no buffer; large ones are handed over without copying.
+                let chunk = if read < COPY_BELOW {
+                    let chunk = Bytes::copy_from_slice(&buffer);
+                    buffer = BytesMut::new();
+                    chunk
+                } else {
+                    std::mem::take(&mut buffer).freeze()
+                };
+                send.write_chunk(chunk).await.map_err(io::Error::other)?;
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
             Err(error) => return Err(error),
