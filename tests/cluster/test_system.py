@@ -9,14 +9,13 @@ import os
 import random
 import time
 
-from helpers import OPERATOR, RELAY, SYSTEM_NS, kubectl, stays, tunnel_port_names, wait_for
+from helpers import OPERATOR, RELAY, SYSTEM_NS, echo_roundtrip, kubectl, stays, tunnel_port_names, wait_for
 from workloads import (
     BUSYBOX_IMAGE,
     ECHO_PORT,
     deployment_available,
     containers,
     echo,
-    echo_roundtrip,
     echo_works,
     pods,
     postgres,
@@ -35,6 +34,18 @@ def apply(ns: str, manifest: dict) -> None:
 
 def relay_service(kube) -> dict:
     return kube.get(kube.core(SYSTEM_NS, "services", RELAY))
+
+
+def echo_through_a_tunnel(kube, ns: str) -> tuple[str, int]:
+    """An echo Deployment with a TcpTunnel selecting it, once bytes flow through the
+    tunnel's public endpoint; returns that endpoint."""
+    labels = {"app": "echo"}
+    apply(ns, echo("echo", labels))
+    apply(ns, tunnel("echo", labels, ECHO_PORT))
+    host, port = split_endpoint(wait_ready_tunnel(kube, ns, "echo")["status"]["endpoint"])
+    wait_pods(kube, ns, labels, with_sidecar=True)
+    wait_for(lambda: echo_works(host, port), timeout=60, what=f"the echo server through {host}:{port}")
+    return host, port
 
 
 def test_install_serves_the_webhook_with_the_managed_ca_bundle(kube, system):
@@ -68,15 +79,10 @@ def test_psql_reaches_postgres_in_a_pod_through_the_tunnel(kube, system, ns):
 
 
 def test_random_bytes_over_many_connections_arrive_intact(kube, system, ns):
-    labels = {"app": "echo"}
-    apply(ns, echo("echo", labels))
-    apply(ns, tunnel("echo", labels, ECHO_PORT))
-    host, port = split_endpoint(wait_ready_tunnel(kube, ns, "echo")["status"]["endpoint"])
-    wait_pods(kube, ns, labels, with_sidecar=True)
-    wait_for(lambda: echo_works(host, port), timeout=60, what="the echo server through the tunnel")
+    host, port = echo_through_a_tunnel(kube, ns)
     payloads = [os.urandom(random.randint(1, 4) * 1024 * 1024 + random.randint(0, 4096)) for _ in range(8)]
     with concurrent.futures.ThreadPoolExecutor(len(payloads)) as pool:
-        echoed = list(pool.map(lambda p: echo_roundtrip(host, port, p, timeout=60), payloads))
+        echoed = list(pool.map(lambda p: echo_roundtrip(port, p, timeout=60, host=host), payloads))
     for i, (sent, received) in enumerate(zip(payloads, echoed)):
         assert received == sent, f"connection {i}: sent {len(sent)} bytes, got {len(received)} back, not identical"
 
@@ -111,12 +117,7 @@ def test_requested_port_conflict_and_out_of_range(kube, system, ns):
 
 
 def test_relay_pod_deleted_sidecars_reconnect_on_the_same_port(kube, system, ns):
-    labels = {"app": "echo"}
-    apply(ns, echo("echo", labels))
-    apply(ns, tunnel("echo", labels, ECHO_PORT))
-    host, port = split_endpoint(wait_ready_tunnel(kube, ns, "echo")["status"]["endpoint"])
-    wait_pods(kube, ns, labels, with_sidecar=True)
-    wait_for(lambda: echo_works(host, port), timeout=60, what="echo through the tunnel")
+    host, port = echo_through_a_tunnel(kube, ns)
 
     relay_pod = pods(kube, SYSTEM_NS, {"app.kubernetes.io/name": "localup-relay"})[0]["metadata"]["name"]
     kube.delete(kube.core(SYSTEM_NS, "pods", relay_pod))
@@ -176,11 +177,7 @@ def test_pods_are_created_without_sidecar_while_the_operator_is_down(kube, syste
 
 def test_deleting_a_tunnel_releases_its_port_and_rolls_the_sidecar_out(kube, system, ns):
     labels = {"app": "echo"}
-    apply(ns, echo("echo", labels))
-    apply(ns, tunnel("echo", labels, ECHO_PORT))
-    host, port = split_endpoint(wait_ready_tunnel(kube, ns, "echo")["status"]["endpoint"])
-    wait_pods(kube, ns, labels, with_sidecar=True)
-    wait_for(lambda: echo_works(host, port), timeout=60, what="echo through the tunnel")
+    host, port = echo_through_a_tunnel(kube, ns)
 
     kubectl("delete", "-n", ns, "tcptunnel", "echo", "--wait=true")
     assert f"tunnel-{port}" not in tunnel_port_names(relay_service(kube))

@@ -5,12 +5,22 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "k8s"))
 
-from helpers import OPERATOR, RELAY, ROOT, SYSTEM_NS, Kube, helm, set_lb_ingress, target_dir, wait_for  # noqa: E402
+from helpers import (  # noqa: E402
+    OPERATOR,
+    RELAY,
+    ROOT,
+    SYSTEM_NS,
+    Kube,
+    echo_roundtrip,
+    helm,
+    set_lb_ingress,
+    target_dir,
+    wait_for,
+)
 
 IMAGES = ["localup-relay", "localup-client", "localup-operator"]
 POSTGRES_IMAGE = "localhost/localup-e2e-postgres:15"
@@ -52,7 +62,19 @@ def install_system(kube: Kube, node_ip: str) -> None:
         wait_for(lambda: deployment_available(kube, SYSTEM_NS, name), timeout=120,
                  what=f"Deployment {SYSTEM_NS}/{name} to become Available through its readiness probe",
                  describe=lambda: str((kube.get_opt(kube.apps(SYSTEM_NS, "deployments", name)) or {}).get("status")))
+    # Available is not yet reachable: until kube-proxy programs the webhook Service, the
+    # API server's calls fail and pods are admitted (fail-open) without the sidecar.
+    webhook_ip = kube.get(kube.core(SYSTEM_NS, "services", f"{OPERATOR}-webhook"))["spec"]["clusterIP"]
+    wait_for(lambda: reachable(webhook_ip, 443), timeout=60, what=f"the webhook Service {webhook_ip}:443")
     set_lb_ingress(kube, [{"ip": node_ip}])
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
 
 
 def deployment(name: str, labels: dict, container: dict) -> dict:
@@ -144,28 +166,10 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def echo_roundtrip(host: str, port: int, payload: bytes, timeout: float = 30) -> bytes:
-    """Sends `payload` while reading the echo back, half-closes, returns what came back."""
-    with socket.create_connection((host, port), timeout=timeout) as s:
-        def send() -> None:
-            view = memoryview(payload)
-            for i in range(0, len(view), 65536):
-                s.sendall(view[i:i + 65536])
-            s.shutdown(socket.SHUT_WR)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        chunks = []
-        while data := s.recv(262144):
-            chunks.append(data)
-        sender.join(timeout)
-        return b"".join(chunks)
-
-
 def echo_works(host: str, port: int) -> bool:
     payload = os.urandom(1024)
     try:
-        return echo_roundtrip(host, port, payload, timeout=3) == payload
+        return echo_roundtrip(port, payload, timeout=3, host=host) == payload
     except OSError:
         return False
 

@@ -50,22 +50,23 @@ def test_client_exits_0_promptly_on_sigterm(run_container, tmp_path, echo_server
     assert_refused(remote)
 
 
-def test_relay_drains_open_connections_before_exiting(run_container, tmp_path, echo_server):
-    relay = start_relay(run_container, tmp_path)
-    remote = relay.port_range[1]
-    start_client(run_container, relay, echo_server.port, remote)
+def stop_with_a_connection_open(container, remote, draining):
+    """`podman stop`s `container` while a connection through port `remote` is open. Once
+    `draining()` has seen the drain start, new connections are refused while the open
+    one still carries data both ways and then ends cleanly; the container exits 0,
+    promptly after that."""
     with socket.create_connection(("127.0.0.1", remote), timeout=10) as conn:
         echo_once(conn, b"before")
         stop = subprocess.Popen(
-            [*PODMAN, "stop", "--time", str(GRACE), relay.container.name],
+            [*PODMAN, "stop", "--time", str(GRACE), container.name],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         try:
-            relay.container.wait_for("shutting down", timeout=10)
+            draining()
             # Draining: no new connections, the open one still carries data both ways.
             assert_refused(remote)
             echo_once(conn, b"during the drain" * 4096)
-            assert stop.poll() is None, "the relay exited with a connection open"
+            assert stop.poll() is None, f"{container.name} exited with a connection open"
             # The end of a connection during the drain: bytes still in flight when
             # each side half-closes must all arrive, then a clean end, not a reset.
             echo_to_the_end(conn, 4 * MIB)
@@ -76,36 +77,27 @@ def test_relay_drains_open_connections_before_exiting(run_container, tmp_path, e
                 stop.kill()
     assert stop.returncode == 0, stop.stderr.read()
     assert time.monotonic() - closed < PROMPT
-    assert relay.container.exit_code() == 0, relay.container.output()
+    assert container.exit_code() == 0, container.output()
+
+
+def test_relay_drains_open_connections_before_exiting(run_container, tmp_path, echo_server):
+    relay = start_relay(run_container, tmp_path)
+    remote = relay.port_range[1]
+    start_client(run_container, relay, echo_server.port, remote)
+    stop_with_a_connection_open(
+        relay.container, remote, lambda: relay.container.wait_for("shutting down", timeout=10))
 
 
 def test_client_drains_open_connections_before_exiting(run_container, tmp_path, echo_server):
     relay = start_relay(run_container, tmp_path)
     remote = relay.port_range[2]
     client, _ = start_client(run_container, relay, echo_server.port, remote)
-    with socket.create_connection(("127.0.0.1", remote), timeout=10) as conn:
-        echo_once(conn, b"before")
-        stop = subprocess.Popen(
-            [*PODMAN, "stop", "--time", str(GRACE), client.name],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        try:
-            client.wait_for("stopping: letting open connections finish", timeout=10)
-            relay.container.wait_for("tunnel closed; port released", timeout=5)
-            assert_refused(remote)
-            echo_once(conn, b"during the drain" * 4096)
-            assert stop.poll() is None, "the client exited with a connection open"
-            # The end of a connection during the drain: bytes still in flight when
-            # each side half-closes must all arrive, then a clean end, not a reset.
-            echo_to_the_end(conn, 4 * MIB)
-            closed = time.monotonic()
-            stop.wait(GRACE + 10)
-        finally:
-            if stop.poll() is None:
-                stop.kill()
-    assert stop.returncode == 0, stop.stderr.read()
-    assert time.monotonic() - closed < PROMPT
-    assert client.exit_code() == 0, client.output()
+
+    def draining():
+        client.wait_for("stopping: letting open connections finish", timeout=10)
+        relay.container.wait_for("tunnel closed; port released", timeout=5)
+
+    stop_with_a_connection_open(client, remote, draining)
 
 
 def test_relay_restart_keeps_tunnels_working(run_container, tmp_path, echo_server):

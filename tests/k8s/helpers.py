@@ -361,10 +361,10 @@ class EchoServer:
         self.sock.close()
 
 
-def echo_roundtrip(port: int, payload: bytes, timeout: float = 60) -> bytes:
-    """Sends `payload` to 127.0.0.1:port while reading the echo back; half-closes after
+def echo_roundtrip(port: int, payload: bytes, timeout: float = 60, host: str = "127.0.0.1") -> bytes:
+    """Sends `payload` to host:port while reading the echo back; half-closes after
     sending and returns everything received until the peer closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    with socket.create_connection((host, port), timeout=timeout) as s:
         def send() -> None:
             view = memoryview(payload)
             for i in range(0, len(view), 65536):
