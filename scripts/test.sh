@@ -19,6 +19,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "unit and end-to-end tests (relay, client, operator units)"
 cargo test --workspace
 
+step "hostile peers (tests/hostile: aioquic garbage, slowloris, handshake floods)"
+tests/hostile/run.sh
+
 for suite in scripts/test-images.sh scripts/k8s/run-tests.sh; do
   if [ -x "$suite" ]; then
     step "$suite"

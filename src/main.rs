@@ -1,14 +1,22 @@
 //! `localup`: the client (`localup --port 5432 --protocol tcp --relay HOST:PORT --token T`),
 //! the relay (`localup relay tcp ...`) and token minting (`localup generate-token ...`).
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use localup_client::ClientConfig;
+use ipnet::IpNet;
+use localup_client::cli::ClientArgs;
+use localup_client::{Client, Status};
 use localup_protocol::PortRange;
-use localup_protocol::token::Claims;
+use localup_protocol::proxy_header::ProxyProtocol;
+use localup_protocol::token::{Claims, TunnelPolicy};
 use localup_relay::{Relay, RelayConfig};
+use localup_runtime::http::{self, Endpoints};
+use localup_runtime::logging::{self, LogFormat};
+use localup_runtime::signals::shutdown_on_signal;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -24,7 +32,7 @@ struct Cli {
     command: Option<Command>,
 
     #[command(flatten)]
-    client: ClientConfig,
+    client: ClientArgs,
 
     /// Log format on stdout
     #[arg(
@@ -36,9 +44,10 @@ struct Cli {
     )]
     log_format: LogFormat,
 
-    /// Log filter, e.g. info or localup_relay=debug (RUST_LOG syntax)
-    #[arg(long, env = "LOCALUP_LOG", default_value = "info", global = true)]
-    log: String,
+    /// Log filter, e.g. info or localup_relay=debug (RUST_LOG syntax; this flag wins
+    /// over RUST_LOG) [default: RUST_LOG, else info]
+    #[arg(long, env = "LOCALUP_LOG", global = true)]
+    log: Option<String>,
 
     /// Runtime threads [default: the relay one per CPU, the client 1]
     #[arg(long, env = "LOCALUP_THREADS", global = true)]
@@ -53,13 +62,13 @@ enum Command {
         kind: RelayKind,
     },
     /// Mint a token for clients of a relay
-    GenerateToken(GenerateToken),
+    GenerateToken(Box<GenerateToken>),
 }
 
 #[derive(Subcommand)]
 enum RelayKind {
     /// Relay raw TCP: each tunnel gets a public port from --tcp-port-range
-    Tcp(RelayConfig),
+    Tcp(Box<RelayConfig>),
 }
 
 #[derive(clap::Args)]
@@ -68,7 +77,7 @@ struct GenerateToken {
     #[arg(long, env = "LOCALUP_JWT_SECRET", hide_env_values = true)]
     secret: String,
 
-    /// Who the token is for; the relay remembers each subject's port
+    /// Who the token is for; the relay remembers each subject's ports
     #[arg(long)]
     sub: String,
 
@@ -76,31 +85,78 @@ struct GenerateToken {
     #[arg(long)]
     token_only: bool,
 
-    /// Lifetime, e.g. 24h or 30d [default: no expiry]
-    #[arg(long, value_parser = humantime::parse_duration)]
-    expires_in: Option<Duration>,
+    /// Lifetime, e.g. 24h or 30d, or `never`
+    #[arg(long, default_value = "30d", value_parser = parse_lifetime)]
+    expires_in: Lifetime,
 
     /// Restrict the token to one port or a range, e.g. 16432 or 16000-16099
     #[arg(long)]
     allowed_ports: Option<PortRange>,
+
+    /// Let several clients with this subject share one port (a pool): the relay spreads
+    /// new connections over them
+    #[arg(long)]
+    pool: bool,
+
+    /// Accept connections only from these source ranges (CIDR, IPv4 or IPv6;
+    /// comma-separated or repeated), e.g. 203.0.113.0/24,2001:db8::/32
+    #[arg(long, value_delimiter = ',')]
+    allow_from: Vec<IpNet>,
+
+    /// Most external connections the tunnel carries at once; more are refused
+    #[arg(long)]
+    max_connections: Option<u32>,
+
+    /// Bandwidth towards the local service, e.g. 10MiB (per second)
+    #[arg(long, value_parser = parse_rate)]
+    bandwidth_in: Option<u64>,
+
+    /// Bandwidth from the local service back to external clients, e.g. 10MiB (per second)
+    #[arg(long, value_parser = parse_rate)]
+    bandwidth_out: Option<u64>,
+
+    /// Have the client put a PROXY protocol header (v1 or v2) with each external
+    /// peer's address in front of every connection to the local service
+    #[arg(long)]
+    proxy_protocol: Option<ProxyProtocol>,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
+#[derive(Clone, Copy)]
+enum Lifetime {
+    Never,
+    For(Duration),
+}
+
+fn parse_lifetime(text: &str) -> Result<Lifetime, String> {
+    if text == "never" {
+        return Ok(Lifetime::Never);
+    }
+    humantime::parse_duration(text)
+        .map(Lifetime::For)
+        .map_err(|error| format!("{error} (expected e.g. 24h, 30d or never)"))
+}
+
+/// Bytes per second, e.g. `1000000`, `500KiB`, `10MB`.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let size: bytesize::ByteSize = text
+        .parse()
+        .map_err(|error| format!("{error} (expected bytes per second, e.g. 10MiB)"))?;
+    if size.as_u64() == 0 {
+        return Err("a bandwidth of 0 would block every connection".into());
+    }
+    Ok(size.as_u64())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, &cli.log);
+    logging::init(cli.log_format, cli.log.as_deref());
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     if let Some(Command::GenerateToken(args)) = &cli.command {
         return generate_token(args);
     }
     // A client forwards one tunnel, which one core carries at several Gbit/s; on one
-    // thread a connection's tasks (TCP, QUIC stream, quinn's driver) wake each other
+    // thread a connection's tasks (TCP, stream, the transport's driver) wake each other
     // without crossing cores, which cuts the added round-trip time by about a third.
     // The relay serves many clients, so it spreads them over every core.
     let threads = cli.threads.or(cli.command.is_none().then_some(1));
@@ -122,12 +178,10 @@ fn main() -> ExitCode {
             Some(Command::Relay {
                 kind: RelayKind::Tcp(config),
             }) => {
-                let relay = Relay::bind(config).await?;
+                let relay = Relay::bind(*config).await?;
                 relay.run(shutdown).await
             }
-            _ => localup_client::run(cli.client, shutdown)
-                .await
-                .map_err(anyhow::Error::from),
+            _ => run_client(cli.client, shutdown).await,
         }
     });
     match result {
@@ -139,17 +193,70 @@ fn main() -> ExitCode {
     }
 }
 
+async fn run_client(args: ClientArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let health = match args.health_addr {
+        Some(addr) => Some(bind_health(addr).await?),
+        None => None,
+    };
+    let client = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        client = Client::new(args.config()) => client?,
+    };
+    let mut status = client.status();
+    if let Some(listener) = health {
+        let probed = status.clone();
+        let router = http::router(Endpoints {
+            readiness: Arc::new(move || match &*probed.borrow() {
+                Status::Up { .. } => Ok(()),
+                Status::Reconnecting { reason, .. } => Err(format!("reconnecting: {reason}")),
+            }),
+            metrics: None,
+            extra: Default::default(),
+            token: None,
+        });
+        tokio::spawn(http::serve(listener, router, shutdown.clone()));
+    }
+    // The reference's success line, again after every reconnect.
+    tokio::spawn(async move {
+        loop {
+            if let Status::Up { public_addr, .. } = &*status.borrow_and_update() {
+                println!("✅ TCP tunnel created: {public_addr}");
+            }
+            if status.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    client.serve(shutdown).await?;
+    Ok(())
+}
+
+async fn bind_health(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot listen on --health-addr {addr}: {error}"))
+}
+
 fn generate_token(args: &GenerateToken) -> ExitCode {
     if args.secret.trim().is_empty() {
         eprintln!("❌ --secret must not be empty: use the relay's --jwt-secret");
         return ExitCode::FAILURE;
     }
-    let mut claims = Claims::new(&args.sub);
-    if let Some(lifetime) = args.expires_in {
+    let mut claims = Claims::new(&args.sub).with_policy(TunnelPolicy {
+        proxy_protocol: args.proxy_protocol,
+        allow_from: (!args.allow_from.is_empty()).then(|| args.allow_from.clone()),
+        max_connections: args.max_connections,
+        bandwidth_in: args.bandwidth_in,
+        bandwidth_out: args.bandwidth_out,
+    });
+    if let Lifetime::For(lifetime) = args.expires_in {
         claims = claims.expires_in(lifetime);
     }
     if let Some(ports) = args.allowed_ports {
         claims = claims.restricted_to(ports);
+    }
+    if args.pool {
+        claims = claims.pooled();
     }
     let token = claims.mint(args.secret.as_bytes());
     if args.token_only {
@@ -171,44 +278,11 @@ fn generate_token(args: &GenerateToken) -> ExitCode {
     println!("Subject: {}", claims.sub);
     println!("Expires: {expires}");
     println!("Ports: {ports}");
+    if claims.pool {
+        println!("Pool: clients with this token share one port");
+    }
     println!(
         "Use it with: localup --port <LOCAL_PORT> --protocol tcp --relay <RELAY_HOST:PORT> --token <TOKEN>"
     );
     ExitCode::SUCCESS
-}
-
-fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_writer(std::io::stdout);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// First Ctrl-C or SIGTERM: drain and stop. A second one: exit at once.
-fn shutdown_on_signal() -> CancellationToken {
-    let shutdown = CancellationToken::new();
-    let trigger = shutdown.clone();
-    tokio::spawn(async move {
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("cannot listen for SIGTERM");
-        for count in 0.. {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = sigterm.recv() => {}
-            }
-            if count > 0 {
-                std::process::exit(130);
-            }
-            tracing::info!("stopping (signal again to exit at once)");
-            trigger.cancel();
-        }
-    });
-    shutdown
 }

@@ -176,11 +176,12 @@ async fn malformed_and_oversized_control_messages_drop_only_that_client() {
         [&5u32.to_be_bytes()[..], b"{oops"].concat(), // not JSON
         [&2u32.to_be_bytes()[..], b"{}"].concat(),    // JSON, not a hello
     ] {
-        let (config, _) = localup_client::trust::client_config(
+        let (tls, _) = localup_client::trust::client_config(
             &localup_client::trust::TrustPolicy::Insecure,
             "relay",
         )
         .unwrap();
+        let config = localup_client::trust::quic_config(tls).unwrap();
         let socket = localup_protocol::quic::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
         let endpoint = localup_protocol::quic::client_endpoint(socket).unwrap();
         let relay_addr = format!("127.0.0.1:{}", relay.control_port).parse().unwrap();

@@ -1,26 +1,28 @@
-//! The tunnel's lifecycle: reach the relay, say hello, then accept one QUIC stream per
-//! external connection and carry it to the local service, until stopped. A lost
-//! relay is reconnected with backoff, asking for the same port again.
+//! The tunnel's lifecycle, shaped like a server library: [`Client::new`] reaches the
+//! relay and opens the tunnel, [`Client::remote_port`] tells where it is, and
+//! [`Client::serve`] carries connections until shutdown, reconnecting (to the same
+//! port) whenever the relay is lost and renewing the token when its file changes.
 
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use localup_protocol::forward::forward;
-use localup_protocol::frame::{self, FrameError};
-use localup_protocol::message::{Hello, HelloReply, Refusal, StreamHeader};
-use localup_protocol::quic;
-use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
+use localup_protocol::frame::FrameError;
+use localup_protocol::message::{
+    ClientMessage, ClosingReason, Hello, HelloReply, Refusal, RelayMessage,
+};
+use localup_protocol::proxy_header::ProxyProtocol;
+use localup_protocol::transport::{Connection, Inbound, SendHalf, Transport};
 use rand::Rng;
-use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::config::ClientConfig;
-use crate::trust::{self, TrustFailure, TrustPolicy};
+use crate::config::{ClientConfig, TransportChoice};
+use crate::dial::{DialFailure, Dialer};
+use crate::local::serve_stream;
+use crate::token::Token;
 
-const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HELLO_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
@@ -29,8 +31,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(15);
 /// back within a second of the relay, then back off further.
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
 const RESTART_WINDOW: Duration = Duration::from_secs(30);
-/// Stream error code telling the relay the local service could not be reached.
-const LOCAL_UNREACHABLE: VarInt = VarInt::from_u32(2);
+/// How often a token file is checked for a renewed token.
+const TOKEN_POLL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -42,13 +44,15 @@ pub enum ClientError {
     Refused(String),
     #[error(
         "cannot reach the relay at {relay} within {waited:?}: {reason}. Is the relay running \
-         (`lsof -i :{port}`), does --relay match its --localup-addr, and does the firewall allow UDP?"
+         (`lsof -i :{port}`), does --relay match its --localup-addr, and does the firewall allow \
+         {allowed} to port {port}?"
     )]
     Unreachable {
         relay: String,
         port: u16,
         waited: Duration,
         reason: String,
+        allowed: &'static str,
     },
     #[error("refusing the relay at {relay}: {reason}")]
     Untrusted { relay: String, reason: String },
@@ -56,385 +60,400 @@ pub enum ClientError {
     Setup(String),
 }
 
-/// What ended one connection to the relay.
-enum Attempt {
-    /// The tunnel was up on this port; it ended for this reason.
-    Lost {
+/// What the tunnel is doing, for the CLI's success line, health probes and programs
+/// embedding the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    Up {
+        port: u16,
+        public_addr: String,
+        transport: Transport,
+    },
+    Reconnecting {
         port: u16,
         reason: String,
     },
-    /// The tunnel never came up.
-    Failed(ConnectFailure),
-    Stopped,
 }
 
-enum ConnectFailure {
-    Unreachable(String),
-    Refused(Refusal, String),
-    Untrusted(String),
+/// An open tunnel.
+pub struct Client {
+    config: ClientConfig,
+    dialer: Dialer,
+    token: Token,
+    tunnel: Tunnel,
+    status: watch::Sender<Status>,
 }
 
-struct Target {
-    relay: String,
-    relay_port: u16,
-    server_name: String,
-    addr: SocketAddr,
-    local: LocalService,
-}
-
-#[derive(Clone)]
-struct LocalService {
-    host: String,
+/// One connection's worth of tunnel: what the relay granted on it.
+struct Tunnel {
+    connection: Connection,
+    control_send: SendHalf,
+    /// The relay's control messages, read on a task of their own.
+    messages: mpsc::Receiver<Inbound<RelayMessage>>,
     port: u16,
+    public_addr: String,
+    proxy_protocol: Option<ProxyProtocol>,
 }
 
-/// Runs the tunnel until `shutdown` fires (then drains and returns `Ok`), or until it
-/// fails in a way that retrying cannot fix.
-pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> Result<(), ClientError> {
-    let relay = config.relay.clone().unwrap_or_default();
-    let target = resolve(&relay, &config).await?;
-    let policy = if config.insecure {
-        warn!("--insecure: the relay's certificate is not verified");
-        TrustPolicy::Insecure
-    } else if let Some(ca) = &config.relay_ca {
-        TrustPolicy::CaFile(ca.clone())
-    } else {
-        TrustPolicy::PinOnFirstUse {
-            known_relays: config
-                .known_relays
-                .clone()
-                .unwrap_or_else(TrustPolicy::default_known_relays),
-        }
-    };
-    let (quic_config, trust_failure) =
-        trust::client_config(&policy, &relay).map_err(ClientError::Setup)?;
-    let bind: SocketAddr = match target.addr {
-        SocketAddr::V4(_) => (IpAddr::from([0, 0, 0, 0]), 0).into(),
-        SocketAddr::V6(_) => (IpAddr::from([0u16; 8]), 0).into(),
-    };
-    let socket = quic::udp_socket(bind)
-        .map_err(|error| ClientError::Setup(format!("cannot open a UDP socket: {error}")))?;
-    let mut endpoint = quic::client_endpoint(socket)
-        .map_err(|error| ClientError::Setup(format!("cannot start QUIC: {error}")))?;
-    endpoint.set_default_client_config(quic_config);
+/// How one connection's tunnel ended.
+enum Ended {
+    Stopped,
+    Lost(String),
+    Closed(ClosingReason, String),
+}
 
-    let token = config.token.clone().unwrap_or_default();
-    let started = Instant::now();
-    let mut requested_port = config.remote_port;
-    let mut been_up = false;
-    let mut backoff = FIRST_BACKOFF;
-    let mut lost_at: Option<Instant> = None;
-    loop {
-        if been_up || backoff > FIRST_BACKOFF {
-            fresh_socket(&endpoint, bind);
-        }
-        let attempt = connect_and_serve(
-            &endpoint,
-            &target,
-            &token,
-            requested_port,
-            &trust_failure,
-            &config,
-            &shutdown,
-        );
-        let failure = match attempt.await {
-            Attempt::Stopped => break,
-            Attempt::Lost { port, reason } => {
-                been_up = true;
-                backoff = FIRST_BACKOFF;
-                lost_at = Some(Instant::now());
-                requested_port = Some(port);
-                warn!(relay = %target.relay, %reason, port, "lost the relay; reconnecting for the same port");
-                continue;
-            }
-            Attempt::Failed(failure) => failure,
-        };
-        match failure {
-            ConnectFailure::Untrusted(reason) => {
-                return Err(ClientError::Untrusted {
-                    relay: target.relay,
-                    reason,
-                });
-            }
-            ConnectFailure::Refused(refusal, message) if !been_up || refusal.is_permanent() => {
-                if been_up {
-                    warn!(%message, "the relay no longer accepts this tunnel; giving up");
+enum OpenFailure {
+    Dial(DialFailure),
+    Refused(Refusal, String),
+}
+
+impl Client {
+    /// Reaches the relay and opens the tunnel, retrying an unreachable relay for up to
+    /// the configured connect timeout. A refusal is final here: nothing has been
+    /// served yet that a retry could keep.
+    pub async fn new(config: ClientConfig) -> Result<Self, ClientError> {
+        let token = Token::load(config.token.clone())?;
+        let dialer = Dialer::new(&config).await?;
+        let started = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let limit = if config.connect_timeout.is_zero() {
+                HELLO_REPLY_TIMEOUT
+            } else {
+                config
+                    .connect_timeout
+                    .saturating_sub(started.elapsed())
+                    .max(Duration::from_millis(100))
+            };
+            let attempt = tokio::time::timeout(
+                limit,
+                open(
+                    &dialer,
+                    &token,
+                    config.remote_port,
+                    &config,
+                    backoff > FIRST_BACKOFF,
+                ),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(OpenFailure::Dial(DialFailure::Unreachable(
+                    "no answer from the relay".into(),
+                )))
+            });
+            let reason = match attempt {
+                Ok(tunnel) => {
+                    let status = watch::Sender::new(up(&tunnel));
+                    return Ok(Self {
+                        config,
+                        dialer,
+                        token,
+                        tunnel,
+                        status,
+                    });
                 }
-                return Err(ClientError::Refused(message));
-            }
-            ConnectFailure::Refused(_, message) => {
-                warn!(%message, retry_in = ?backoff, "the relay refused the tunnel; retrying");
-            }
-            ConnectFailure::Unreachable(reason) => {
-                let waited = started.elapsed();
-                let gives_up =
-                    !config.connect_timeout.is_zero() && waited >= config.connect_timeout;
-                if !been_up && gives_up {
-                    return Err(ClientError::Unreachable {
-                        relay: target.relay,
-                        port: target.relay_port,
-                        waited: config.connect_timeout,
+                Err(OpenFailure::Dial(DialFailure::Untrusted(reason))) => {
+                    return Err(ClientError::Untrusted {
+                        relay: dialer.relay.clone(),
                         reason,
                     });
                 }
-                debug!(%reason, retry_in = ?backoff, "relay unreachable; retrying");
+                Err(OpenFailure::Refused(_, message)) => return Err(ClientError::Refused(message)),
+                Err(OpenFailure::Dial(DialFailure::Unreachable(reason))) => reason,
+            };
+            let gives_up =
+                !config.connect_timeout.is_zero() && started.elapsed() >= config.connect_timeout;
+            if gives_up {
+                return Err(ClientError::Unreachable {
+                    relay: dialer.relay.clone(),
+                    port: dialer.relay_port,
+                    waited: config.connect_timeout,
+                    reason,
+                    allowed: match config.transport {
+                        TransportChoice::Auto => "UDP or TCP",
+                        TransportChoice::Quic => "UDP",
+                        TransportChoice::Tcp => "TCP",
+                    },
+                });
             }
+            debug!(%reason, retry_in = ?backoff, "relay unreachable; retrying");
+            tokio::time::sleep(jittered(backoff)).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(jittered(backoff)) => {}
-        }
-        let restarting = lost_at.is_some_and(|lost| lost.elapsed() < RESTART_WINDOW);
-        let cap = if restarting {
-            RESTART_BACKOFF
-        } else {
-            MAX_BACKOFF
+    }
+
+    /// The public port the relay gave the tunnel.
+    pub fn remote_port(&self) -> u16 {
+        self.tunnel.port
+    }
+
+    /// `host:port` as external clients dial it.
+    pub fn public_addr(&self) -> &str {
+        &self.tunnel.public_addr
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.tunnel.connection.transport()
+    }
+
+    /// Follows the tunnel through reconnects.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    /// Carries connections until `shutdown` fires, then drains (the relay stops
+    /// sending new connections, open ones get the shutdown timeout to finish) and
+    /// returns `Ok`. Returns an error only when the tunnel cannot come back: the relay
+    /// refuses it for good, or its certificate stops being trusted.
+    pub async fn serve(mut self, shutdown: CancellationToken) -> Result<(), ClientError> {
+        let result = loop {
+            let port = self.tunnel.port;
+            let span = info_span!("tunnel", port, transport = %self.tunnel.connection.transport());
+            let ended = serve_tunnel(&mut self.tunnel, &mut self.token, &self.config, &shutdown)
+                .instrument(span)
+                .await;
+            let reason = match ended {
+                Ended::Stopped => break Ok(()),
+                Ended::Lost(reason) => reason,
+                Ended::Closed(reason, message) => {
+                    warn!(?reason, %message, "the relay ended the tunnel");
+                    message
+                }
+            };
+            warn!(relay = %self.dialer.relay, %reason, port, "lost the relay; reconnecting for the same port");
+            self.status.send_replace(Status::Reconnecting {
+                port,
+                reason: reason.clone(),
+            });
+            match self.reconnect(port, &shutdown).await {
+                Ok(Some(tunnel)) => {
+                    self.tunnel = tunnel;
+                    self.status.send_replace(up(&self.tunnel));
+                }
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(error),
+            }
         };
-        backoff = (backoff * 2).min(cap);
+        self.dialer.close();
+        self.dialer.wait_idle().await;
+        result
     }
-    endpoint.close(VarInt::from_u32(0), b"client stopped");
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    Ok(())
+
+    /// Reopens the tunnel on `port` with backoff until it is back (`Some`), shutdown
+    /// (`None`), or it cannot come back.
+    async fn reconnect(
+        &mut self,
+        port: u16,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Tunnel>, ClientError> {
+        let lost_at = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            self.token.refresh();
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                attempt = tokio::time::timeout(
+                    HELLO_REPLY_TIMEOUT,
+                    open(&self.dialer, &self.token, Some(port), &self.config, true),
+                ) => attempt,
+            };
+            match attempt.unwrap_or_else(|_| {
+                Err(OpenFailure::Dial(DialFailure::Unreachable(
+                    "no answer from the relay".into(),
+                )))
+            }) {
+                Ok(tunnel) => return Ok(Some(tunnel)),
+                Err(OpenFailure::Dial(DialFailure::Untrusted(reason))) => {
+                    return Err(ClientError::Untrusted {
+                        relay: self.dialer.relay.clone(),
+                        reason,
+                    });
+                }
+                // A renewed token may yet arrive in the file: keep trying with it.
+                Err(OpenFailure::Refused(refusal, message))
+                    if refusal.is_permanent() && !self.token.renewable() =>
+                {
+                    warn!(%message, "the relay no longer accepts this tunnel; giving up");
+                    return Err(ClientError::Refused(message));
+                }
+                Err(OpenFailure::Refused(_, message)) => {
+                    warn!(%message, retry_in = ?backoff, "the relay refused the tunnel; retrying");
+                }
+                Err(OpenFailure::Dial(DialFailure::Unreachable(reason))) => {
+                    debug!(%reason, retry_in = ?backoff, "relay unreachable; retrying");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(jittered(backoff)) => {}
+            }
+            let cap = if lost_at.elapsed() < RESTART_WINDOW {
+                RESTART_BACKOFF
+            } else {
+                MAX_BACKOFF
+            };
+            backoff = (backoff * 2).min(cap);
+        }
+    }
 }
 
-/// Retries go out from a new UDP port. A NAT or kube-proxy's conntrack entry for the
-/// old port can still point at a relay that is gone (a replaced pod) and stays alive
-/// as long as retries keep refreshing it; a new port gets a fresh translation.
-fn fresh_socket(endpoint: &quinn::Endpoint, bind: SocketAddr) {
-    match quic::udp_socket(bind).and_then(|socket| endpoint.rebind(socket)) {
-        Ok(()) => {}
-        Err(error) => debug!(%error, "cannot open a new UDP socket; retrying from the old one"),
+fn up(tunnel: &Tunnel) -> Status {
+    Status::Up {
+        port: tunnel.port,
+        public_addr: tunnel.public_addr.clone(),
+        transport: tunnel.connection.transport(),
     }
 }
 
-async fn connect_and_serve(
-    endpoint: &quinn::Endpoint,
-    target: &Target,
-    token: &str,
+/// Dials the relay and says hello.
+async fn open(
+    dialer: &Dialer,
+    token: &Token,
     requested_port: Option<u16>,
-    trust_failure: &TrustFailure,
     config: &ClientConfig,
-    shutdown: &CancellationToken,
-) -> Attempt {
-    let connect = connect(endpoint, target, token, requested_port, trust_failure);
-    let connect_limit = if config.connect_timeout.is_zero() {
-        HELLO_REPLY_TIMEOUT
-    } else {
-        config.connect_timeout
-    };
-    let (connection, control, port, public_addr) = tokio::select! {
-        _ = shutdown.cancelled() => return Attempt::Stopped,
-        result = tokio::time::timeout(connect_limit, connect) => match result {
-            Ok(Ok(tunnel)) => tunnel,
-            Ok(Err(failure)) => return Attempt::Failed(failure),
-            Err(_) => return Attempt::Failed(ConnectFailure::Unreachable("no answer over QUIC (UDP)".into())),
-        },
-    };
-    println!("✅ TCP tunnel created: {public_addr}");
-    info!(port, public_addr = %public_addr, local = %format!("{}:{}", target.local.host, target.local.port), "tunnel up");
-    serve(
-        connection,
-        control,
-        target.local.clone(),
-        config.shutdown_timeout,
-        shutdown,
-        port,
-    )
-    .await
-}
-
-type Control = (SendStream, RecvStream);
-
-async fn connect(
-    endpoint: &quinn::Endpoint,
-    target: &Target,
-    token: &str,
-    requested_port: Option<u16>,
-    trust_failure: &TrustFailure,
-) -> Result<(quinn::Connection, Control, u16, String), ConnectFailure> {
-    let connecting = endpoint
-        .connect(target.addr, &target.server_name)
-        .map_err(|error| ConnectFailure::Unreachable(error.to_string()))?;
-    let connection =
-        connecting
-            .await
-            .map_err(|error| match trust_failure.lock().unwrap().take() {
-                Some(reason) => ConnectFailure::Untrusted(reason),
-                None => ConnectFailure::Unreachable(describe_connection_error(&error)),
-            })?;
-    let lost =
-        |error: ConnectionError| ConnectFailure::Unreachable(describe_connection_error(&error));
-    let (mut send, mut recv) = connection.open_bi().await.map_err(lost)?;
+    fresh_port: bool,
+) -> Result<Tunnel, OpenFailure> {
+    let connection = dialer.dial(fresh_port).await.map_err(OpenFailure::Dial)?;
+    let unreachable = |reason: String| OpenFailure::Dial(DialFailure::Unreachable(reason));
+    let (mut control_send, mut control_recv) = connection
+        .open_bi()
+        .await
+        .map_err(|lost| unreachable(lost.to_string()))?;
     let hello = Hello {
-        token: token.to_owned(),
+        token: token.current().to_owned(),
         remote_port: requested_port,
     };
-    frame::write(&mut send, &hello)
+    control_send
+        .write_frame(&hello)
         .await
-        .map_err(|error| ConnectFailure::Unreachable(error.to_string()))?;
-    let reply = frame::read::<HelloReply, _>(&mut recv)
+        .map_err(|error| unreachable(error.to_string()))?;
+    let reply = control_recv
+        .read_frame::<HelloReply>()
         .await
         .map_err(|error| match error {
-            FrameError::Truncated | FrameError::Io(_) => ConnectFailure::Unreachable(format!(
+            FrameError::Truncated | FrameError::Io(_) => unreachable(format!(
                 "the relay closed the connection during the handshake ({error})"
             )),
-            other => ConnectFailure::Refused(
+            other => OpenFailure::Refused(
                 Refusal::Malformed,
                 format!("the relay sent a bad reply: {other}"),
             ),
         })?;
     match reply {
-        HelloReply::Accepted { port, public_addr } => {
-            Ok((connection, (send, recv), port, public_addr))
+        HelloReply::Accepted {
+            port,
+            public_addr,
+            expires_at,
+            proxy_protocol,
+        } => {
+            info!(
+                port, %public_addr, local = %config.local, transport = %connection.transport(),
+                ?expires_at, "tunnel up"
+            );
+            Ok(Tunnel {
+                connection,
+                control_send,
+                messages: control_recv.messages(),
+                port,
+                public_addr,
+                proxy_protocol: config.proxy_protocol.or(proxy_protocol),
+            })
         }
         HelloReply::Refused { reason, message } => {
-            connection.close(VarInt::from_u32(0), b"refused");
-            Err(ConnectFailure::Refused(reason, message))
+            connection.close(0, "refused");
+            Err(OpenFailure::Refused(reason, message))
         }
     }
 }
 
-async fn serve(
-    connection: quinn::Connection,
-    (mut control_send, mut control_recv): Control,
-    local: LocalService,
-    drain_limit: Duration,
+/// Serves one connection's tunnel until it ends.
+async fn serve_tunnel(
+    tunnel: &mut Tunnel,
+    token: &mut Token,
+    config: &ClientConfig,
     shutdown: &CancellationToken,
-    port: u16,
-) -> Attempt {
+) -> Ended {
     let streams = TaskTracker::new();
-    loop {
+    let mut token_poll = tokio::time::interval(TOKEN_POLL);
+    token_poll.reset();
+    let ended = loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
-            stream = connection.accept_bi() => match stream {
+            _ = shutdown.cancelled() => break Ended::Stopped,
+            stream = tunnel.connection.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    streams.spawn(serve_stream(send, recv, local.clone()));
+                    streams.spawn(serve_stream(send, recv, config.local.clone(), tunnel.proxy_protocol));
                 }
-                Err(error) => return Attempt::Lost { port, reason: describe_connection_error(&error) },
+                Err(lost) => break Ended::Lost(lost.to_string()),
             },
-            // The relay never writes here after the hello; its end means it is going away.
-            _ = control_recv.read_to_end(0) => {
-                return Attempt::Lost { port, reason: "the relay ended the tunnel".into() };
+            message = tunnel.messages.recv() => match message {
+                Some(Inbound::Message(RelayMessage::Ping { id })) => {
+                    if let Err(error) = tunnel.control_send.write_frame(&ClientMessage::Pong { id }).await {
+                        break Ended::Lost(error.to_string());
+                    }
+                }
+                Some(Inbound::Message(RelayMessage::Renewed { expires_at })) => {
+                    info!(?expires_at, "the relay took the renewed token");
+                }
+                Some(Inbound::Message(RelayMessage::RenewRefused { message })) => {
+                    warn!(%message, "the relay refused the renewed token; the tunnel keeps the previous one");
+                }
+                Some(Inbound::Message(RelayMessage::Closing { reason, message })) => {
+                    break Ended::Closed(reason, message);
+                }
+                Some(Inbound::Malformed(error)) => {
+                    break Ended::Lost(format!("bad control message from the relay: {error}"));
+                }
+                Some(Inbound::Failed(error)) => break Ended::Lost(lost_reason(&tunnel.connection, &error).await),
+                // The relay ended the control stream: it is going away.
+                Some(Inbound::Finished) | None => break Ended::Lost("the relay ended the tunnel".into()),
+            },
+            _ = token_poll.tick(), if token.renewable() => {
+                if token.refresh() {
+                    info!("the token file changed; presenting the renewed token");
+                    let renew = ClientMessage::Renew { token: token.current().to_owned() };
+                    if let Err(error) = tunnel.control_send.write_frame(&renew).await {
+                        break Ended::Lost(error.to_string());
+                    }
+                }
             }
         }
+    };
+    match ended {
+        Ended::Stopped => {
+            drain(tunnel, streams, config.shutdown_timeout).await;
+            Ended::Stopped
+        }
+        other => {
+            tunnel.connection.close(0, "reconnecting");
+            other
+        }
     }
-    // Draining: finishing the control stream asks the relay to stop sending new
-    // connections and release the port; it closes the connection once open ones end.
+}
+
+/// Finishing the control stream asks the relay to stop sending new connections and
+/// release the port; it closes the connection once open ones end.
+async fn drain(tunnel: &mut Tunnel, streams: TaskTracker, limit: Duration) {
     info!(
-        port,
+        port = tunnel.port,
         open = streams.len(),
         "stopping: letting open connections finish"
     );
-    let _ = control_send.finish();
+    tunnel.control_send.finish();
     streams.close();
-    let drained = async {
-        streams.wait().await;
-    };
-    if tokio::time::timeout(drain_limit, drained).await.is_err() {
+    if tokio::time::timeout(limit, streams.wait()).await.is_err() {
         warn!(
-            port,
-            "connections still open after {drain_limit:?}; closing them"
+            port = tunnel.port,
+            "connections still open after {limit:?}; closing them"
         );
     }
-    connection.close(VarInt::from_u32(0), b"client stopped");
-    Attempt::Stopped
+    tunnel.connection.close(0, "client stopped");
 }
 
-async fn serve_stream(mut send: SendStream, mut recv: RecvStream, local: LocalService) {
-    let header: StreamHeader = match frame::read(&mut recv).await {
-        Ok(header) => header,
-        Err(error) => {
-            warn!(%error, "bad stream header from the relay; dropping that connection");
-            let _ = send.reset(LOCAL_UNREACHABLE);
-            return;
-        }
-    };
-    let tcp = match connect_local(&local).await {
-        Ok(tcp) => tcp,
-        Err(error) => {
-            warn!(
-                peer = %header.peer,
-                local = %format!("{}:{}", local.host, local.port),
-                %error,
-                "refused a connection: the local service is unreachable"
-            );
-            let _ = send.reset(LOCAL_UNREACHABLE);
-            let _ = recv.stop(LOCAL_UNREACHABLE);
-            return;
-        }
-    };
-    match forward(tcp, send, recv, &()).await {
-        Ok(totals) => debug!(peer = %header.peer, ?totals, "connection finished"),
-        Err(error) => debug!(peer = %header.peer, %error, "connection aborted"),
-    }
-}
-
-async fn connect_local(local: &LocalService) -> std::io::Result<TcpStream> {
-    let connect = async {
-        match local.host.parse::<IpAddr>() {
-            Ok(ip) => TcpStream::connect((ip, local.port)).await,
-            // A name is looked up per connection: the service may move (containers).
-            Err(_) => TcpStream::connect((local.host.as_str(), local.port)).await,
-        }
-    };
-    tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, connect)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-}
-
-async fn resolve(relay: &str, config: &ClientConfig) -> Result<Target, ClientError> {
-    let invalid = || ClientError::RelayAddress(relay.to_owned());
-    let (host, port) = relay.rsplit_once(':').ok_or_else(invalid)?;
-    let relay_port: u16 = port.parse().map_err(|_| invalid())?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(invalid());
-    }
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, relay_port))
-        .await
-        .map_err(|error| ClientError::Resolve {
-            relay: relay.to_owned(),
-            reason: error.to_string(),
-        })?
-        .collect();
-    // `localhost` often resolves to ::1 first while relays commonly listen on 0.0.0.0.
-    let addr = addrs
-        .iter()
-        .find(|addr| addr.is_ipv4())
-        .or(addrs.first())
-        .copied()
-        .ok_or_else(|| ClientError::Resolve {
-            relay: relay.to_owned(),
-            reason: "no addresses".into(),
-        })?;
-    Ok(Target {
-        relay: relay.to_owned(),
-        relay_port,
-        server_name: host.to_owned(),
-        addr,
-        local: LocalService {
-            host: config.local_host.clone(),
-            port: config.port.unwrap_or_default(),
-        },
-    })
-}
-
-fn describe_connection_error(error: &ConnectionError) -> String {
-    match error {
-        ConnectionError::TimedOut => "no answer over QUIC (UDP)".into(),
-        ConnectionError::ApplicationClosed(close) => {
-            format!(
-                "the relay closed the connection: {}",
-                String::from_utf8_lossy(&close.reason)
-            )
-        }
-        ConnectionError::ConnectionClosed(close)
-            if close.to_string().contains("no_application_protocol")
-                || close.to_string().contains("NoApplicationProtocol") =>
-        {
-            "the relay does not speak localup-tcp/1 (a different localup version?)".into()
-        }
-        other => other.to_string(),
+/// Why the connection under a failed control stream ended, as its transport says.
+async fn lost_reason(connection: &Connection, error: &std::io::Error) -> String {
+    match tokio::time::timeout(Duration::from_secs(1), connection.closed()).await {
+        Ok(lost) => lost.to_string(),
+        Err(_) => error.to_string(),
     }
 }
 

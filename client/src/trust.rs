@@ -14,7 +14,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, Clone)]
@@ -41,14 +41,20 @@ impl TrustPolicy {
 /// Why the relay's certificate was refused, in words for the user.
 pub type TrustFailure = Arc<Mutex<Option<String>>>;
 
-/// A QUIC client configuration verifying `relay` (HOST:PORT) under `policy`, and the
-/// slot where a refusal's explanation lands.
+/// What to do instead when pinning cannot work, named in every refusal.
+const FIXES: &str =
+    "pass a writable --known-relays file, --relay-ca with the relay's certificate, or --insecure";
+
+/// A TLS client configuration (for both transports) verifying `relay` (HOST:PORT)
+/// under `policy`, and the slot where a refusal's explanation lands. A known_relays
+/// file that cannot be read or parsed is refused here, before any connection: it
+/// might hold a pin that would refuse the relay.
 pub fn client_config(
     policy: &TrustPolicy,
     relay: &str,
-) -> Result<(quinn::ClientConfig, TrustFailure), String> {
+) -> Result<(Arc<rustls::ClientConfig>, TrustFailure), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let (roots, pinned) = match policy {
+    let (roots, trusted_as_is, pin) = match policy {
         TrustPolicy::CaFile(path) => {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
@@ -61,14 +67,14 @@ pub fn client_config(
             }
             let mut roots = RootCertStore::empty();
             roots.add_parsable_certificates(certs.iter().cloned());
-            (roots, certs)
+            (roots, certs, None)
         }
-        TrustPolicy::PinOnFirstUse { .. } => {
+        TrustPolicy::PinOnFirstUse { known_relays } => {
             let mut roots = RootCertStore::empty();
             roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-            (roots, Vec::new())
+            (roots, Vec::new(), load_pin(known_relays, relay)?)
         }
-        TrustPolicy::Insecure => (RootCertStore::empty(), Vec::new()),
+        TrustPolicy::Insecure => (RootCertStore::empty(), Vec::new(), None),
     };
     let webpki = (!roots.is_empty())
         .then(|| {
@@ -82,7 +88,8 @@ pub fn client_config(
         policy: policy.clone(),
         relay: relay.to_owned(),
         webpki,
-        pinned,
+        trusted_as_is,
+        pin: Mutex::new(pin),
         algorithms: provider.signature_verification_algorithms,
         failure: Arc::clone(&failure),
     });
@@ -93,18 +100,71 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     tls.alpn_protocols = vec![localup_protocol::ALPN.to_vec()];
+    Ok((Arc::new(tls), failure))
+}
+
+/// The QUIC form of a TLS client configuration from [`client_config`].
+pub fn quic_config(tls: Arc<rustls::ClientConfig>) -> Result<quinn::ClientConfig, String> {
     let crypto = QuicClientConfig::try_from(tls).map_err(|error| error.to_string())?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(localup_protocol::quic::transport_config(
         localup_protocol::quic::Role::Client,
     ));
-    Ok((config, failure))
+    Ok(config)
 }
 
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     let digest = Sha256::digest(cert.as_ref());
     let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
     format!("SHA256:{hex}")
+}
+
+/// The fingerprint pinned for `relay`, strictly: a missing file means no pin yet, but
+/// a file that cannot be read or holds a malformed line is an error.
+fn load_pin(known_relays: &Path, relay: &str) -> Result<Option<String>, String> {
+    let bytes = match std::fs::read(known_relays) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => {
+            return Err(format!(
+                "cannot read the pinned relay certificates in {}: {error}; make it readable, or {FIXES}",
+                known_relays.display()
+            ));
+        }
+    };
+    let text = String::from_utf8(bytes).map_err(|_| {
+        format!(
+            "{} is not a known_relays file (not UTF-8 text); fix or remove it, or {FIXES}",
+            known_relays.display()
+        )
+    })?;
+    let mut pinned = None;
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let parsed = line
+            .split_once(' ')
+            .map(|(host, fingerprint)| (host, fingerprint.trim()))
+            .filter(|(_, fingerprint)| is_fingerprint(fingerprint));
+        let Some((host, fingerprint)) = parsed else {
+            return Err(format!(
+                "line {} of {} is not `HOST:PORT SHA256:<64 hex digits>`; fix or delete it, or {FIXES}",
+                number + 1,
+                known_relays.display()
+            ));
+        };
+        if host == relay {
+            pinned = Some(fingerprint.to_owned());
+        }
+    }
+    Ok(pinned)
+}
+
+fn is_fingerprint(text: &str) -> bool {
+    text.strip_prefix("SHA256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|byte| byte.is_ascii_hexdigit()))
 }
 
 #[derive(Debug)]
@@ -114,7 +174,10 @@ struct RelayVerifier {
     webpki: Option<Arc<WebPkiServerVerifier>>,
     /// Certificates trusted as they are (a self-signed relay's own certificate given
     /// as its CA), whatever names they carry.
-    pinned: Vec<CertificateDer<'static>>,
+    trusted_as_is: Vec<CertificateDer<'static>>,
+    /// The fingerprint pinned for this relay, kept for the life of the process so
+    /// reconnects check against it whatever happens to the file.
+    pin: Mutex<Option<String>>,
     algorithms: WebPkiSupportedAlgorithms,
     failure: TrustFailure,
 }
@@ -125,20 +188,17 @@ impl RelayVerifier {
         rustls::Error::General(message)
     }
 
-    /// Checks the certificate against the pin for this relay, recording it if there
-    /// is none yet.
+    /// Checks the certificate against the pin for this relay; on first use, records
+    /// it in the file, and refuses when it cannot (the next run would trust any
+    /// certificate again).
     fn check_pin(
         &self,
         known_relays: &Path,
         cert: &CertificateDer<'_>,
     ) -> Result<(), rustls::Error> {
         let presented = fingerprint(cert);
-        let known = std::fs::read_to_string(known_relays).unwrap_or_default();
-        let pinned = known.lines().find_map(|line| {
-            let (relay, fingerprint) = line.split_once(' ')?;
-            (relay == self.relay).then(|| fingerprint.trim().to_owned())
-        });
-        match pinned {
+        let mut pin = self.pin.lock().unwrap();
+        match pin.as_deref() {
             Some(pinned) if pinned == presented => Ok(()),
             Some(pinned) => Err(self.refuse(format!(
                 "the relay's certificate for {relay} has changed (pinned {pinned}, now {presented}). \
@@ -147,24 +207,25 @@ impl RelayVerifier {
                 relay = self.relay,
                 file = known_relays.display(),
             ))),
-            None => {
-                match pin(known_relays, &self.relay, &presented) {
-                    Ok(()) => tracing::info!(
+            None => match save_pin(known_relays, &self.relay, &presented) {
+                Ok(()) => {
+                    tracing::info!(
                         relay = %self.relay, fingerprint = %presented, file = %known_relays.display(),
                         "first connection to this relay: trusting its certificate from now on"
-                    ),
-                    Err(error) => tracing::warn!(
-                        relay = %self.relay, fingerprint = %presented, %error,
-                        "trusting the relay's certificate for this run only: cannot save the pin"
-                    ),
+                    );
+                    *pin = Some(presented);
+                    Ok(())
                 }
-                Ok(())
-            }
+                Err(error) => Err(self.refuse(format!(
+                    "cannot pin the relay's certificate ({presented}) in {}: {error}; {FIXES}",
+                    known_relays.display()
+                ))),
+            },
         }
     }
 }
 
-fn pin(known_relays: &Path, relay: &str, fingerprint: &str) -> std::io::Result<()> {
+fn save_pin(known_relays: &Path, relay: &str, fingerprint: &str) -> std::io::Result<()> {
     if let Some(dir) = known_relays.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -172,7 +233,8 @@ fn pin(known_relays: &Path, relay: &str, fingerprint: &str) -> std::io::Result<(
         .create(true)
         .append(true)
         .open(known_relays)?;
-    writeln!(file, "{relay} {fingerprint}")
+    writeln!(file, "{relay} {fingerprint}")?;
+    file.sync_all()
 }
 
 impl ServerCertVerifier for RelayVerifier {
@@ -187,29 +249,36 @@ impl ServerCertVerifier for RelayVerifier {
         if matches!(self.policy, TrustPolicy::Insecure) {
             return Ok(ServerCertVerified::assertion());
         }
-        if self.pinned.iter().any(|cert| cert == end_entity) {
+        if self.trusted_as_is.iter().any(|cert| cert == end_entity) {
             return Ok(ServerCertVerified::assertion());
         }
         let chain_error = match &self.webpki {
-            Some(webpki) => {
-                match webpki.verify_server_cert(
-                    end_entity,
-                    intermediates,
-                    server_name,
-                    ocsp_response,
-                    now,
-                ) {
-                    Ok(verified) => return Ok(verified),
-                    Err(error) => error.to_string(),
-                }
-            }
-            None => "no trusted roots".to_owned(),
+            Some(webpki) => match webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ) {
+                Ok(verified) => return Ok(verified),
+                Err(error) => error,
+            },
+            None => rustls::Error::General("no trusted roots".into()),
         };
         match &self.policy {
             TrustPolicy::CaFile(path) => Err(self.refuse(format!(
                 "the relay's certificate is not trusted by --relay-ca {}: {chain_error}",
                 path.display()
             ))),
+            // A chain a CA vouches for, but for another name: that is not a
+            // self-signed relay to pin, it is the wrong server (or the wrong name).
+            TrustPolicy::PinOnFirstUse { .. } if is_wrong_name(&chain_error) => {
+                Err(self.refuse(format!(
+                    "the relay's certificate is signed by a trusted CA but not for the name in --relay {}: {chain_error}; \
+                     connect by the name the certificate carries, or pass --relay-ca",
+                    self.relay
+                )))
+            }
             TrustPolicy::PinOnFirstUse { known_relays } => self
                 .check_pin(known_relays, end_entity)
                 .map(|()| ServerCertVerified::assertion()),
@@ -237,5 +306,87 @@ impl ServerCertVerifier for RelayVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+fn is_wrong_name(error: &rustls::Error) -> bool {
+    matches!(
+        error,
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "localup-trust-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    const PIN: &str = "SHA256:0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn pins_are_read_strictly() {
+        let dir = scratch("read");
+        let file = dir.join("known_relays");
+        assert_eq!(load_pin(&file, "relay:1").unwrap(), None, "no file, no pin");
+        std::fs::write(&file, format!("# comment\nrelay:1 {PIN}\nother:2 {PIN}\n")).unwrap();
+        assert_eq!(load_pin(&file, "relay:1").unwrap().as_deref(), Some(PIN));
+        std::fs::write(&file, "relay:1 not-a-fingerprint\n").unwrap();
+        let error = load_pin(&file, "relay:1").unwrap_err();
+        assert!(
+            error.contains("line 1") && error.contains("--insecure"),
+            "{error}"
+        );
+        std::fs::write(&file, [0xff, 0xfe, 0x00]).unwrap();
+        let error = load_pin(&file, "relay:1").unwrap_err();
+        assert!(error.contains("not UTF-8"), "{error}");
+        let error = load_pin(&dir, "relay:1").unwrap_err();
+        assert!(
+            error.contains("cannot read") && error.contains("--relay-ca"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_unwritable_pin_file_refuses_the_first_use() {
+        let dir = scratch("save");
+        // A directory where the file should be: nothing can be appended to it.
+        let known_relays = dir.join("known_relays");
+        std::fs::create_dir_all(&known_relays).unwrap();
+        let verifier = RelayVerifier {
+            policy: TrustPolicy::PinOnFirstUse {
+                known_relays: known_relays.clone(),
+            },
+            relay: "relay:1".into(),
+            webpki: None,
+            trusted_as_is: Vec::new(),
+            pin: Mutex::new(None),
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+            failure: TrustFailure::default(),
+        };
+        let cert = CertificateDer::from(vec![1, 2, 3]);
+        assert!(verifier.check_pin(&known_relays, &cert).is_err());
+        let reason = verifier.failure.lock().unwrap().clone().unwrap();
+        assert!(
+            reason.contains("cannot pin") && reason.contains("--known-relays"),
+            "{reason}"
+        );
+        // Pinned in memory, a later connection is checked against it without the file.
+        *verifier.pin.lock().unwrap() = Some(fingerprint(&cert));
+        assert!(verifier.check_pin(&known_relays, &cert).is_ok());
+        let other = CertificateDer::from(vec![4, 5, 6]);
+        assert!(verifier.check_pin(&known_relays, &other).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

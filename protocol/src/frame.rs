@@ -1,7 +1,7 @@
 //! Length-delimited JSON frames: a 4-byte big-endian length, then that many bytes of
 //! JSON. Control traffic is a handful of small messages per tunnel, so readability and
-//! extensibility win over compactness; the size cap keeps a hostile peer from making
-//! us allocate.
+//! extensibility (see [`crate::message`]) win over compactness; the size cap keeps a
+//! hostile peer from making us allocate.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -37,28 +37,55 @@ pub async fn write<T: Serialize, W: AsyncWrite + Unpin>(
     writer.write_all(&encode(message)).await
 }
 
-pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
-    reader: &mut R,
-) -> Result<T, FrameError> {
-    let eof_is_truncation = |error: std::io::Error| match error.kind() {
-        std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-        _ => FrameError::Io(error),
-    };
-    let mut len = [0u8; 4];
-    reader
-        .read_exact(&mut len)
-        .await
-        .map_err(eof_is_truncation)?;
-    let len = u32::from_be_bytes(len) as usize;
+/// The body length announced by a frame's 4-byte header, refused before anything is
+/// allocated when it exceeds [`MAX_FRAME_LEN`].
+pub fn body_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
     if len > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
+    Ok(len)
+}
+
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    Ok(serde_json::from_slice(body)?)
+}
+
+/// Decodes the first frame in `buf`: the message and the bytes it took, or `None`
+/// while the frame is incomplete.
+pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, FrameError> {
+    let Some((header, rest)) = buf.split_first_chunk::<4>() else {
+        return Ok(None);
+    };
+    let len = body_len(*header)?;
+    match rest.get(..len) {
+        Some(body) => Ok(Some((decode_body(body)?, 4 + len))),
+        None => Ok(None),
+    }
+}
+
+/// Maps the end of a stream in the middle of a frame to [`FrameError::Truncated`].
+pub fn eof_is_truncation(error: std::io::Error) -> FrameError {
+    match error.kind() {
+        std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+        _ => FrameError::Io(error),
+    }
+}
+
+pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<T, FrameError> {
+    let mut header = [0u8; 4];
+    reader
+        .read_exact(&mut header)
+        .await
+        .map_err(eof_is_truncation)?;
+    let mut body = vec![0u8; body_len(header)?];
     reader
         .read_exact(&mut body)
         .await
         .map_err(eof_is_truncation)?;
-    Ok(serde_json::from_slice(&body)?)
+    decode_body(&body)
 }
 
 #[cfg(test)]
@@ -97,5 +124,28 @@ mod tests {
         })[..6];
         let error = read::<Hello, _>(&mut &truncated[..]).await.unwrap_err();
         assert!(matches!(error, FrameError::Truncated), "{error}");
+    }
+
+    #[test]
+    fn decode_waits_for_a_whole_frame_and_reports_its_length() {
+        let hello = Hello {
+            token: "t".into(),
+            remote_port: None,
+        };
+        let mut bytes = encode(&hello);
+        let len = bytes.len();
+        for cut in 0..len {
+            assert!(
+                decode::<Hello>(&bytes[..cut]).unwrap().is_none(),
+                "cut at {cut}"
+            );
+        }
+        bytes.extend_from_slice(b"next");
+        assert_eq!(decode::<Hello>(&bytes).unwrap(), Some((hello, len)));
+        let oversized = (MAX_FRAME_LEN as u32 + 1).to_be_bytes();
+        assert!(matches!(
+            decode::<Hello>(&oversized),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 }

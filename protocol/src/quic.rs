@@ -8,9 +8,11 @@ use std::time::Duration;
 use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 
 /// Keepalives keep NAT bindings open and let each side notice a dead peer within
-/// [`IDLE_TIMEOUT`] instead of quinn's 30 s default.
-pub const KEEPALIVE: Duration = Duration::from_secs(5);
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// [`IDLE_TIMEOUT`] instead of quinn's 30 s default. A link that comes back within the
+/// timeout (a Wi-Fi handover, a brief outage) loses no connection: four keepalives
+/// go unanswered before either side gives up.
+pub const KEEPALIVE: Duration = Duration::from_secs(1);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Path MTU discovery may climb this far. Each packet costs CPU regardless of size,
 /// so larger datagrams are what make multi-Gbit/s tunnels possible where the path
@@ -25,15 +27,15 @@ pub const MAX_STREAMS_PER_TUNNEL: u32 = 16_384;
 /// Per-stream and per-connection flow-control windows. Loopback and LAN paths need
 /// far less; long fat paths need this much to fill a gigabit. Windows bound memory
 /// only when a receiver falls behind, which is when backpressure should kick in.
-const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 
 /// Bursts of new connections arrive as bursts of datagrams; a bigger socket buffer
 /// absorbs them instead of dropping and retransmitting.
 const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
 /// Who opens streams: the relay opens one per external connection; the client opens
-/// only its control stream.
+/// only its control stream. Shared by both transports.
 #[derive(Debug, Clone, Copy)]
 pub enum Role {
     Relay,

@@ -1,52 +1,58 @@
-//! The admin HTTP endpoint: liveness and readiness for Kubernetes probes, Prometheus
-//! metrics, and a read-only JSON list of the open tunnels.
+//! The admin endpoint: liveness and readiness for probes, Prometheus metrics, and a
+//! read-only JSON list of the open tunnels with their clients. Readiness does not
+//! depend on the database: tunnels open without it, so the relay stays in its Service.
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::Json;
 use axum::routing::get;
-use axum::{Json, Router};
+use localup_runtime::http::{self, Endpoints};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::Shared;
+use crate::metrics::Metrics;
+use crate::tunnels::Tunnels;
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let router = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/api/tunnels", get(tunnels))
-        .with_state(shared);
-    if let Err(error) = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::error!(%error, "admin endpoint failed");
-    }
+/// What the admin endpoint reads.
+pub struct AdminState {
+    pub tunnels: Arc<Tunnels>,
+    pub metrics: Arc<Metrics>,
+    /// Required on /metrics and /api/tunnels when set.
+    pub token: Option<String>,
+    /// Cancelled when the relay starts shutting down: it is no longer ready.
+    pub stopping: CancellationToken,
 }
 
-/// Ready while the relay can keep its promises, which includes reaching its database.
-async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    if shared.store.is_reachable().await {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n")
-    }
-}
-
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        shared.metrics.render(),
-    )
-}
-
-async fn tunnels(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    Json(shared.tunnels.snapshot())
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+    let AdminState {
+        tunnels,
+        metrics,
+        token,
+        stopping,
+    } = state;
+    let listed = Arc::clone(&tunnels);
+    let extra = axum::Router::new().route(
+        "/api/tunnels",
+        get(move || {
+            let tunnels = Arc::clone(&listed);
+            async move {
+                let snapshot = tunnels.snapshot();
+                let views: Vec<_> = snapshot.iter().map(|tunnel| tunnel.view()).collect();
+                Json(serde_json::to_value(views).expect("tunnel views serialize"))
+            }
+        }),
+    );
+    let router = http::router(Endpoints {
+        readiness: Arc::new(move || {
+            if stopping.is_cancelled() {
+                Err("shutting down".into())
+            } else {
+                Ok(())
+            }
+        }),
+        metrics: Some(Arc::new(move || metrics.render(tunnels.samples()))),
+        extra,
+        token,
+    });
+    http::serve(listener, router, shutdown).await;
 }

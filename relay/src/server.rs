@@ -1,355 +1,343 @@
-//! The relay's connection lifecycle: QUIC handshake, hello, authentication, port
-//! allocation, then one QUIC stream per external TCP connection until the client
-//! leaves or the relay shuts down, at which point the port is released at once.
+//! The relay process: binds its sockets, admits clients over QUIC and over TLS on TCP
+//! (the same port number), runs each as a [`session`], and drains at shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use localup_protocol::forward::forward;
-use localup_protocol::frame::{self, FrameError};
-use localup_protocol::message::{Hello, HelloReply, Refusal, StreamHeader};
+use anyhow::Context as _;
 use localup_protocol::quic;
-use localup_protocol::token::{Claims, TokenError};
-use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
+use localup_protocol::transport::{Connection, Transport};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
-use crate::allocator::PortAllocator;
+use crate::admin::{self, AdminState};
+use crate::admission::Pending;
 use crate::config::RelayConfig;
 use crate::metrics::Metrics;
-use crate::registry::{Tunnel, TunnelRegistry};
-use crate::store::PortStore;
-use crate::tls::Identity;
+use crate::session::{self, CLOSE_SHUTDOWN, Context, HELLO_TIMEOUT};
+use crate::store::{Database, Store};
+use crate::tls::{self, Identity};
+use crate::tunnels::{Settings, Tunnels};
 
-/// A client that has not said hello by then is dropped: it holds resources for nothing.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// After a refusal the client closes the connection; this bounds the wait if it does not.
-const REFUSAL_LINGER: Duration = Duration::from_secs(2);
-
-const CLOSE_SHUTDOWN: (VarInt, &[u8]) = (VarInt::from_u32(0), b"relay shutting down");
-const CLOSE_REFUSED: (VarInt, &[u8]) = (VarInt::from_u32(1), b"tunnel refused");
-const CLOSE_PROTOCOL_ERROR: (VarInt, &[u8]) = (VarInt::from_u32(2), b"protocol error");
-
-/// State shared by every client connection.
-pub struct Shared {
-    pub config: RelayConfig,
-    pub allocator: Arc<PortAllocator>,
-    pub store: PortStore,
-    pub metrics: Arc<Metrics>,
-    pub tunnels: Arc<TunnelRegistry>,
-}
+/// Shorter JWT secrets are accepted (the reference uses one) but easier to guess.
+const RECOMMENDED_SECRET_LEN: usize = 32;
+/// How long the relay waits for its database at start before starting without it.
+const STARTUP_LOAD: Duration = Duration::from_secs(5);
+/// After an accept error on the control port, the pause before the next accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 pub struct Relay {
     endpoint: quinn::Endpoint,
-    admin: Option<TcpListener>,
-    shared: Arc<Shared>,
+    tcp: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    admin: Option<(TcpListener, Option<String>)>,
+    context: Arc<Context>,
+    pending: Arc<Pending>,
+    /// The database and whether its reservations were loaded at start.
+    database: Option<(Database, bool)>,
+    config: RelayConfig,
 }
 
 impl Relay {
-    /// Binds every socket and opens the store, so configuration errors surface before
-    /// the relay reports itself as running.
+    /// Binds every socket and checks the configuration, so mistakes surface before the
+    /// relay reports itself as running.
     pub async fn bind(config: RelayConfig) -> anyhow::Result<Self> {
+        if config.jwt_secret.len() < RECOMMENDED_SECRET_LEN {
+            warn!(
+                length = config.jwt_secret.len(),
+                "the JWT secret is shorter than {RECOMMENDED_SECRET_LEN} bytes and could be guessed; \
+                 use a long random one (e.g. `openssl rand -hex 32`)"
+            );
+        }
         let identity = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Identity::from_files(cert, key)?,
             _ => Identity::self_signed(config.state_dir.as_deref(), &config.domain)?,
         };
-        let socket = quic::udp_socket(config.localup_addr).with_context(|| {
-            format!(
-                "cannot listen for QUIC on --localup-addr {} (UDP)",
-                config.localup_addr
-            )
-        })?;
+        let tls_config = identity.server_config()?;
+        let (socket, tcp) = bind_control(config.localup_addr).await?;
         let endpoint = quic::relay_endpoint(
             socket,
-            identity.server_config()?,
+            tls::quic_server_config(Arc::clone(&tls_config))?,
             config.jwt_secret.as_bytes(),
         )?;
         let admin = match config.admin_addr {
-            Some(addr) => Some(
+            Some(addr) => Some((
                 TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot listen on --admin-addr {addr}"))?,
-            ),
+                config.admin_token()?,
+            )),
             None => None,
         };
-        let store = PortStore::open(config.database_url.as_deref()).await?;
-        let remembered = store.load().await?;
-        let allocator =
-            PortAllocator::new(config.tcp_port_range, config.localup_addr.ip(), remembered);
-        let shared = Arc::new(Shared {
-            config,
-            allocator,
+        let metrics = Arc::new(Metrics::default());
+        let (store, database) = match &config.database_url {
+            Some(url) => {
+                let (store, database) = Store::open(url, Arc::clone(&metrics))?;
+                (store, Some(database))
+            }
+            None => (Store::memory(), None),
+        };
+        let settings = Settings {
+            range: config.tcp_port_range,
+            bind_ip: config.localup_addr.ip(),
+            domain: config.domain.clone(),
+            reservation: config.port_reservation,
+            max_tunnels_per_subject: config.limits.max_tunnels_per_subject,
+            max_pool_members: config.limits.max_pool_members,
+            max_connections_per_tunnel: config.limits.max_connections_per_tunnel,
+        };
+        let tunnels = Arc::new(Tunnels::new(
+            settings,
+            config.limits.max_connections,
             store,
-            metrics: Arc::new(Metrics::default()),
-            tunnels: Arc::default(),
+            Arc::clone(&metrics),
+        ));
+        let database = match database {
+            Some(database) => {
+                let loaded = database.load(STARTUP_LOAD).await;
+                let ready = loaded.is_some();
+                if let Some(reservations) = loaded {
+                    tunnels.restore(reservations);
+                }
+                Some((database, ready))
+            }
+            None => None,
+        };
+        let pending = Arc::new(Pending::new(
+            config.limits.max_pending,
+            config.limits.max_pending_per_source,
+            config.limits.retry_threshold,
+            Arc::clone(&metrics),
+        ));
+        let context = Arc::new(Context {
+            jwt_secret: config.jwt_secret.as_bytes().to_vec(),
+            tunnels,
+            metrics,
+            abort: CancellationToken::new(),
         });
         Ok(Self {
             endpoint,
+            tcp,
+            tls: tokio_rustls::TlsAcceptor::from(tls_config),
             admin,
-            shared,
+            context,
+            pending,
+            database,
+            config,
         })
     }
 
+    /// The control address: QUIC on its UDP port, TLS on the same TCP port.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
     }
 
-    /// Serves until `shutdown` fires, then stops taking connections, gives open ones
-    /// `--shutdown-timeout` to finish, tells clients the relay is going away (so they
-    /// reconnect elsewhere at once) and returns.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` fires, then stops taking clients, closes every tunnel's
+    /// port, gives open connections `--shutdown-timeout` to finish, tells clients the
+    /// relay is going away (so they reconnect elsewhere at once) and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Relay {
             endpoint,
+            tcp,
+            tls,
             admin,
-            shared,
+            context,
+            pending,
+            database,
+            config,
         } = self;
-        let tasks = TaskTracker::new();
-        if let Some(listener) = admin {
-            tasks.spawn(crate::admin::serve(
-                listener,
-                Arc::clone(&shared),
-                shutdown.clone(),
+        let background = CancellationToken::new();
+        let helpers = TaskTracker::new();
+        if let Some((listener, token)) = admin {
+            let state = AdminState {
+                tunnels: Arc::clone(&context.tunnels),
+                metrics: Arc::clone(&context.metrics),
+                token,
+                stopping: shutdown.clone(),
+            };
+            helpers.spawn(admin::serve(listener, state, background.clone()));
+        }
+        if let Some((database, loaded)) = database {
+            let tunnels = Arc::clone(&context.tunnels);
+            helpers.spawn(database.run(
+                loaded,
+                move |reservations| tunnels.restore(reservations),
+                background.clone(),
             ));
         }
         info!(
             addr = %endpoint.local_addr()?,
-            ports = %shared.config.tcp_port_range,
-            domain = %shared.config.domain,
-            "relay listening for localup clients (QUIC)"
+            ports = %config.tcp_port_range,
+            domain = %config.domain,
+            "relay listening for localup clients (QUIC, and TLS over TCP on the same port)"
         );
+        let sessions = TaskTracker::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 incoming = endpoint.accept() => match incoming {
-                    Some(incoming) => {
-                        tasks.spawn(serve_client(incoming, Arc::clone(&shared), shutdown.clone()));
-                    }
+                    Some(incoming) => admit_quic(incoming, &pending, &context, &sessions, &shutdown),
                     None => break,
+                },
+                accepted = tcp.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        admit_tcp(stream, peer, &tls, &pending, &context, &sessions, &shutdown);
+                    }
+                    Err(error) => {
+                        warn!(%error, "cannot accept a TCP client");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
                 },
             }
         }
-        let grace = shared.config.shutdown_timeout;
+        drop(tcp);
+        let grace = config.shutdown_timeout;
         info!(
-            tunnels = shared.tunnels.snapshot().len(),
+            tunnels = context.tunnels.snapshot().len(),
             ?grace,
             "shutting down"
         );
-        tasks.close();
-        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        sessions.close();
+        if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
             warn!("connections still open after {grace:?}; closing them");
+            context.abort.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), sessions.wait()).await;
         }
-        endpoint.close(CLOSE_SHUTDOWN.0, CLOSE_SHUTDOWN.1);
+        endpoint.close(CLOSE_SHUTDOWN.0.into(), CLOSE_SHUTDOWN.1.as_bytes());
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        background.cancel();
+        helpers.close();
+        helpers.wait().await;
         Ok(())
     }
 }
 
-async fn serve_client(incoming: Incoming, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let client = incoming.remote_address();
-    let connection = match incoming.await {
-        Ok(connection) => connection,
-        Err(error) => {
-            debug!(%client, %error, "QUIC handshake failed");
-            return;
+/// QUIC on `addr` (UDP) and TLS on the same port number (TCP). Asked for port 0, the
+/// system picks the UDP port and the TCP one must be free too: a few tries.
+async fn bind_control(addr: SocketAddr) -> anyhow::Result<(std::net::UdpSocket, TcpListener)> {
+    let attempts = if addr.port() == 0 { 10 } else { 1 };
+    let mut last_error = None;
+    for _ in 0..attempts {
+        let socket = quic::udp_socket(addr)
+            .with_context(|| format!("cannot listen for QUIC on --localup-addr {addr} (UDP)"))?;
+        let bound = socket.local_addr()?;
+        match TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((socket, tcp)),
+            Err(error) => last_error = Some(error),
         }
-    };
-    let (mut control, hello) =
-        match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&connection)).await {
-            Ok(Ok(hello)) => hello,
-            Ok(Err(HelloError::Frame(error, mut control))) => {
-                shared.metrics.protocol_errors.inc();
-                warn!(%client, %error, "dropping client: bad control message");
-                refuse(
-                    &connection,
-                    &mut control,
-                    Refusal::Malformed,
-                    error.to_string(),
-                )
-                .await;
-                connection.close(CLOSE_PROTOCOL_ERROR.0, CLOSE_PROTOCOL_ERROR.1);
-                return;
-            }
-            Ok(Err(HelloError::Connection(error))) => {
-                debug!(%client, %error, "client left before saying hello");
-                return;
-            }
-            Err(_) => {
-                shared.metrics.protocol_errors.inc();
-                warn!(%client, "dropping client: no hello within {HELLO_TIMEOUT:?}");
-                connection.close(CLOSE_PROTOCOL_ERROR.0, CLOSE_PROTOCOL_ERROR.1);
-                return;
-            }
-        };
-
-    let claims = match Claims::verify(&hello.token, shared.config.jwt_secret.as_bytes()) {
-        Ok(claims) => claims,
-        Err(error) => {
-            shared
-                .metrics
-                .count_auth_failure(auth_failure_reason(&error));
-            warn!(%client, %error, "authentication failed");
-            let message = format!("Authentication failed: {error}");
-            refuse(
-                &connection,
-                &mut control.0,
-                Refusal::AuthenticationFailed,
-                message,
-            )
-            .await;
-            return;
-        }
-    };
-
-    let (lease, listener) = match shared.allocator.allocate(&claims, hello.remote_port).await {
-        Ok(allocated) => allocated,
-        Err(error) => {
-            shared.metrics.count_allocation_failure(error.reason());
-            warn!(%client, subject = %claims.sub, %error, "tunnel refused");
-            refuse(
-                &connection,
-                &mut control.0,
-                error.refusal(),
-                error.to_string(),
-            )
-            .await;
-            return;
-        }
-    };
-    let port = lease.port();
-    let public_addr = format!("{}:{port}", shared.config.domain);
-    shared.allocator.remember(&claims.sub, port);
-    if let Err(error) = shared.store.remember(&claims.sub, port).await {
-        warn!(subject = %claims.sub, port, %error, "cannot persist the port assignment");
     }
-    let accepted = HelloReply::Accepted {
-        port,
-        public_addr: public_addr.clone(),
-    };
-    if let Err(error) = frame::write(&mut control.0, &accepted).await {
-        debug!(%client, %error, "client left during the handshake");
-        return;
-    }
-
-    let tunnel = Arc::new(Tunnel::new(
-        claims.sub.clone(),
-        port,
-        public_addr,
-        client,
-        Arc::clone(&shared.metrics),
-    ));
-    let _registration = shared.tunnels.register(Arc::clone(&tunnel));
-    info!(subject = %claims.sub, port, %client, "tunnel open");
-
-    let (_, control_recv) = &mut control;
-    let connections = TaskTracker::new();
-    let ended_by = loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break "relay shutdown",
-            // Clients send nothing after the hello; finishing the control stream asks
-            // for a drain (stop accepting, let open connections end). Anything else
-            // there is a protocol violation.
-            end = control_recv.read_to_end(0) => match end {
-                Ok(_) => break "client draining",
-                Err(quinn::ReadToEndError::TooLong) => {
-                    shared.metrics.protocol_errors.inc();
-                    warn!(port, %client, "dropping client: unexpected data on the control stream");
-                    connection.close(CLOSE_PROTOCOL_ERROR.0, CLOSE_PROTOCOL_ERROR.1);
-                    break "protocol error";
-                }
-                Err(quinn::ReadToEndError::Read(_)) => break "client disconnected",
-            },
-            reason = connection.closed() => {
-                debug!(port, %reason, "client connection closed");
-                break "client disconnected";
-            }
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    connections.spawn(carry(connection.clone(), tcp, peer, Arc::clone(&tunnel)));
-                }
-                Err(error) => {
-                    // Typically out of file descriptors: back off instead of spinning.
-                    warn!(port, %error, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    };
-    // Release the port before draining: it must be free again the moment the tunnel ends.
-    drop(listener);
-    drop(lease);
-    info!(subject = %claims.sub, port, %client, reason = ended_by, "tunnel closed; port released");
-    connections.close();
-    connections.wait().await;
-    connection.close(CLOSE_SHUTDOWN.0, CLOSE_SHUTDOWN.1);
+    let error = last_error.expect("at least one attempt");
+    Err(anyhow::anyhow!(
+        "cannot listen for TLS over TCP on --localup-addr {addr} (TCP, the fallback for clients whose network blocks UDP): {error}"
+    ))
 }
 
-/// One external TCP connection, carried over a new QUIC stream to the client.
-async fn carry(connection: Connection, tcp: TcpStream, peer: SocketAddr, tunnel: Arc<Tunnel>) {
-    let _counted = tunnel.connection();
-    let (mut send, recv) = match connection.open_bi().await {
-        Ok(stream) => stream,
-        Err(error) => {
-            debug!(%peer, %error, "cannot open a stream to the client");
-            return;
-        }
-    };
-    if frame::write(&mut send, &StreamHeader { peer })
-        .await
-        .is_err()
-    {
-        return;
-    }
-    match forward(tcp, send, recv, &*tunnel).await {
-        Ok(totals) => debug!(%peer, port = tunnel.port, ?totals, "connection finished"),
-        Err(error) => debug!(%peer, port = tunnel.port, %error, "connection aborted"),
-    }
-}
-
-/// The control stream, kept open for the tunnel's lifetime: the client treats its
-/// end as the relay going away.
-type Control = (SendStream, RecvStream);
-
-enum HelloError {
-    Frame(FrameError, SendStream),
-    Connection(quinn::ConnectionError),
-}
-
-async fn read_hello(connection: &Connection) -> Result<(Control, Hello), HelloError> {
-    let (send, mut recv) = connection
-        .accept_bi()
-        .await
-        .map_err(HelloError::Connection)?;
-    match frame::read::<Hello, _>(&mut recv).await {
-        Ok(hello) => Ok(((send, recv), hello)),
-        Err(error) => Err(HelloError::Frame(error, send)),
-    }
-}
-
-/// Tells the client why, then waits briefly for it to hang up so the reason is not
-/// lost with the connection.
-async fn refuse(
-    connection: &Connection,
-    control: &mut SendStream,
-    reason: Refusal,
-    message: String,
+/// A QUIC client: refused work before its address is proven when many handshakes are
+/// pending, then given a slot until its hello.
+fn admit_quic(
+    incoming: quinn::Incoming,
+    pending: &Arc<Pending>,
+    context: &Arc<Context>,
+    sessions: &TaskTracker,
+    shutdown: &CancellationToken,
 ) {
-    let reply = HelloReply::Refused { reason, message };
-    if frame::write(control, &reply).await.is_ok() {
-        let _ = control.finish();
-        let _ = tokio::time::timeout(REFUSAL_LINGER, connection.closed()).await;
+    let client = incoming.remote_address();
+    if pending.must_retry() && !incoming.remote_address_validated() && incoming.may_retry() {
+        context.metrics.count_handshake("retry");
+        let _ = incoming.retry();
+        return;
     }
-    connection.close(CLOSE_REFUSED.0, CLOSE_REFUSED.1);
+    let slot = pending.admit(client.ip());
+    let (context, shutdown) = (Arc::clone(context), shutdown.clone());
+    let span = session::span(client, Transport::Quic);
+    sessions.spawn(
+        async move {
+            let connecting = match incoming.accept() {
+                Ok(connecting) => connecting,
+                Err(error) => {
+                    debug!(%error, "QUIC handshake refused");
+                    return;
+                }
+            };
+            let connection = tokio::select! {
+                _ = slot.evicted.cancelled() => return,
+                connected = tokio::time::timeout(HELLO_TIMEOUT, connecting) => match connected {
+                    Ok(Ok(connection)) => connection,
+                    Ok(Err(error)) => {
+                        debug!(%error, "QUIC handshake failed");
+                        context.metrics.count_handshake("failed");
+                        return;
+                    }
+                    Err(_) => {
+                        context.metrics.count_handshake("timed_out");
+                        return;
+                    }
+                },
+            };
+            session::serve(Connection::Quic(connection), slot, context, shutdown).await;
+        }
+        .instrument(span),
+    );
 }
 
-fn auth_failure_reason(error: &TokenError) -> &'static str {
-    match error {
-        TokenError::BadSignature => "bad_signature",
-        TokenError::Expired => "expired",
-        TokenError::WrongAlgorithm => "wrong_algorithm",
-        TokenError::Malformed(_) => "malformed",
-    }
+/// A client over TLS on TCP, for networks that block UDP: the same slot rules, then
+/// TLS and QMux, then the same session.
+fn admit_tcp(
+    stream: TcpStream,
+    client: SocketAddr,
+    tls: &tokio_rustls::TlsAcceptor,
+    pending: &Arc<Pending>,
+    context: &Arc<Context>,
+    sessions: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let slot = pending.admit(client.ip());
+    let (tls, context, shutdown) = (tls.clone(), Arc::clone(context), shutdown.clone());
+    let span = session::span(client, Transport::Tcp);
+    sessions.spawn(
+        async move {
+            let _ = stream.set_nodelay(true);
+            let handshake = async {
+                let stream = tls
+                    .accept(stream)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                if stream.get_ref().1.alpn_protocol() != Some(localup_protocol::ALPN) {
+                    return Err(format!(
+                        "the client does not speak {}",
+                        String::from_utf8_lossy(localup_protocol::ALPN)
+                    ));
+                }
+                localup_protocol::mux::accept(stream, client)
+                    .await
+                    .map_err(|error| error.to_string())
+            };
+            let connection = tokio::select! {
+                _ = slot.evicted.cancelled() => return,
+                connected = tokio::time::timeout(HELLO_TIMEOUT, handshake) => match connected {
+                    Ok(Ok(connection)) => connection,
+                    Ok(Err(error)) => {
+                        debug!(%error, "TLS handshake failed");
+                        context.metrics.count_handshake("failed");
+                        return;
+                    }
+                    Err(_) => {
+                        context.metrics.count_handshake("timed_out");
+                        return;
+                    }
+                },
+            };
+            session::serve(connection, slot, context, shutdown).await;
+        }
+        .instrument(span),
+    );
 }

@@ -1,93 +1,262 @@
-//! Which subject holds which port, kept in SQLite or PostgreSQL when the relay is
-//! given `--database-url`, so that a restarted relay hands reconnecting clients the
-//! ports they had. Without a database this lives only in the allocator's memory.
+//! Which subject held which port, kept in SQLite or PostgreSQL when the relay is given
+//! `--database-url`, so that a restarted relay keeps each port reserved for its subject
+//! and hands it back when the subject reconnects. Without a database this lives only
+//! in memory.
+//!
+//! The database is never on the data path: writes go through a queue to a task of
+//! their own, each with a timeout, and a database that is slow or down is logged and
+//! counted (`localup_database_up`, `localup_database_errors_total`) while tunnels keep
+//! opening. What was queued while it was down is written when it is back.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use localup_protocol::token::unix_now;
 use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-pub enum PortStore {
-    Memory,
-    Database(AnyPool),
-}
+use crate::allocator::Reservation;
+use crate::metrics::Metrics;
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS port_assignments (
-    subject TEXT PRIMARY KEY,
-    port BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL
+/// How long one database operation may take before it counts as failed.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a failed write or load is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(5);
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS port_reservations (
+    port BIGINT PRIMARY KEY,
+    subject TEXT NOT NULL,
+    epoch BIGINT,
+    last_seen BIGINT NOT NULL
 )";
 
-impl PortStore {
-    pub async fn open(database_url: Option<&str>) -> anyhow::Result<Self> {
-        let Some(url) = database_url else {
-            return Ok(PortStore::Memory);
-        };
+/// A handle for recording reservations; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    writes: Option<mpsc::UnboundedSender<(u16, Reservation)>>,
+}
+
+/// The database side, run by [`Database::run`] on a task of its own.
+pub struct Database {
+    pool: AnyPool,
+    url: String,
+    writes: mpsc::UnboundedReceiver<(u16, Reservation)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Store {
+    /// A store that keeps nothing beyond the process.
+    pub fn memory() -> Self {
+        Self { writes: None }
+    }
+
+    /// A store writing to `url`. Only a URL that cannot work fails here; an
+    /// unreachable database is retried in the background.
+    pub fn open(url: &str, metrics: Arc<Metrics>) -> anyhow::Result<(Self, Database)> {
         sqlx::any::install_default_drivers();
         let url = create_sqlite_file_if_missing(url);
+        let supported = ["sqlite:", "postgres:", "postgresql:"];
+        anyhow::ensure!(
+            supported.iter().any(|scheme| url.starts_with(scheme)),
+            "cannot use --database-url {}: expected sqlite://PATH or postgres://USER@HOST/DB",
+            redact(&url)
+        );
         let pool = AnyPoolOptions::new()
             .max_connections(4)
-            .connect(&url)
-            .await
+            .acquire_timeout(OPERATION_TIMEOUT)
+            .connect_lazy(&url)
             .with_context(|| {
                 format!(
-                    "cannot open --database-url {}: expected sqlite://PATH or postgres://USER@HOST/DB",
+                    "cannot use --database-url {}: expected sqlite://PATH or postgres://USER@HOST/DB",
                     redact(&url)
                 )
             })?;
-        sqlx::query(SCHEMA)
-            .execute(&pool)
-            .await
-            .context("cannot create the port_assignments table")?;
-        Ok(PortStore::Database(pool))
+        let (sender, writes) = mpsc::unbounded_channel();
+        let database = Database {
+            pool,
+            url,
+            writes,
+            metrics,
+        };
+        Ok((
+            Self {
+                writes: Some(sender),
+            },
+            database,
+        ))
     }
 
-    pub async fn load(&self) -> anyhow::Result<HashMap<String, u16>> {
-        let PortStore::Database(pool) = self else {
-            return Ok(HashMap::new());
-        };
-        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT subject, port FROM port_assignments")
-            .fetch_all(pool)
+    /// Records that `port` is reserved as `reservation` says; returns at once.
+    pub fn remember(&self, port: u16, reservation: Reservation) {
+        if let Some(writes) = &self.writes {
+            let _ = writes.send((port, reservation));
+        }
+    }
+}
+
+impl Database {
+    /// Loads what was reserved before, within `wait`; `None` when the database did
+    /// not answer in time (the relay starts without it and [`Database::run`] keeps
+    /// trying).
+    pub async fn load(&self, wait: Duration) -> Option<HashMap<u16, Reservation>> {
+        match tokio::time::timeout(wait, self.try_load()).await {
+            Ok(Ok(reservations)) => {
+                self.metrics.database_up.set(1);
+                Some(reservations)
+            }
+            Ok(Err(error)) => {
+                self.failed("load the port reservations", &error);
+                None
+            }
+            Err(_) => {
+                self.failed(
+                    "load the port reservations",
+                    &anyhow::anyhow!("no answer within {wait:?}"),
+                );
+                None
+            }
+        }
+    }
+
+    async fn try_load(&self) -> anyhow::Result<HashMap<u16, Reservation>> {
+        sqlx::query(SCHEMA)
+            .execute(&self.pool)
             .await
-            .context("cannot read port assignments")?;
+            .context("cannot create the port_reservations table")?;
+        self.migrate_legacy().await?;
+        let rows: Vec<(i64, String, Option<i64>, i64)> =
+            sqlx::query_as("SELECT port, subject, epoch, last_seen FROM port_reservations")
+                .fetch_all(&self.pool)
+                .await
+                .context("cannot read port reservations")?;
         Ok(rows
             .into_iter()
-            .filter_map(|(subject, port)| Some((subject, u16::try_from(port).ok()?)))
+            .filter_map(|(port, subject, epoch, last_seen)| {
+                Some((
+                    u16::try_from(port).ok()?,
+                    Reservation {
+                        subject,
+                        epoch: epoch.and_then(|epoch| u64::try_from(epoch).ok()),
+                        last_seen: u64::try_from(last_seen).unwrap_or(0),
+                    },
+                ))
+            })
             .collect())
     }
 
-    /// Records that `subject` now holds `port`, taking it away from anyone else.
-    pub async fn remember(&self, subject: &str, port: u16) -> anyhow::Result<()> {
-        let PortStore::Database(pool) = self else {
+    /// Earlier versions kept one port per subject in `port_assignments`; their rows
+    /// become reservations.
+    async fn migrate_legacy(&self) -> anyhow::Result<()> {
+        let legacy: Result<Vec<(String, i64, i64)>, _> =
+            sqlx::query_as("SELECT subject, port, updated_at FROM port_assignments")
+                .fetch_all(&self.pool)
+                .await;
+        let Ok(rows) = legacy else {
             return Ok(());
         };
-        let mut transaction = pool.begin().await?;
-        sqlx::query("DELETE FROM port_assignments WHERE port = $1 AND subject <> $2")
-            .bind(i64::from(port))
-            .bind(subject)
-            .execute(&mut *transaction)
+        for (subject, port, updated_at) in rows {
+            let reservation = Reservation {
+                subject,
+                epoch: None,
+                last_seen: u64::try_from(updated_at).unwrap_or(0),
+            };
+            if let Ok(port) = u16::try_from(port) {
+                self.write(port, &reservation).await?;
+            }
+        }
+        sqlx::query("DROP TABLE port_assignments")
+            .execute(&self.pool)
             .await?;
-        sqlx::query(
-            "INSERT INTO port_assignments (subject, port, updated_at) VALUES ($1, $2, $3)
-             ON CONFLICT (subject) DO UPDATE SET port = excluded.port, updated_at = excluded.updated_at",
-        )
-        .bind(subject)
-        .bind(i64::from(port))
-        .bind(unix_now() as i64)
-        .execute(&mut *transaction)
-        .await?;
-        transaction.commit().await?;
         Ok(())
     }
 
-    /// For readiness: a relay whose database is gone cannot keep its promises.
-    pub async fn is_reachable(&self) -> bool {
-        match self {
-            PortStore::Memory => true,
-            PortStore::Database(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+    async fn write(&self, port: u16, reservation: &Reservation) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO port_reservations (port, subject, epoch, last_seen) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (port) DO UPDATE SET subject = excluded.subject, epoch = excluded.epoch,
+             last_seen = excluded.last_seen",
+        )
+        .bind(i64::from(port))
+        .bind(&reservation.subject)
+        .bind(reservation.epoch.map(|epoch| epoch as i64))
+        .bind(reservation.last_seen as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Writes queued reservations until shutdown, retrying while the database is away
+    /// (only the latest reservation of each port is kept meanwhile). `restore` is
+    /// called with the stored reservations once they can be read, if they could not
+    /// be at start.
+    pub async fn run(
+        mut self,
+        mut loaded: bool,
+        restore: impl Fn(HashMap<u16, Reservation>),
+        shutdown: CancellationToken,
+    ) {
+        let mut pending: HashMap<u16, Reservation> = HashMap::new();
+        let mut retry = tokio::time::interval(RETRY_EVERY);
+        retry.reset();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                write = self.writes.recv() => match write {
+                    Some((port, reservation)) => { pending.insert(port, reservation); }
+                    None => break,
+                },
+                _ = retry.tick() => {}
+            }
+            if !loaded && let Some(reservations) = self.load(OPERATION_TIMEOUT).await {
+                tracing::info!(
+                    count = reservations.len(),
+                    "database reachable again: port reservations restored"
+                );
+                restore(reservations);
+                loaded = true;
+            }
+            if loaded {
+                self.flush(&mut pending).await;
+            }
         }
+        // What is still queued gets one last chance.
+        while let Ok((port, reservation)) = self.writes.try_recv() {
+            pending.insert(port, reservation);
+        }
+        if loaded {
+            self.flush(&mut pending).await;
+        }
+    }
+
+    async fn flush(&self, pending: &mut HashMap<u16, Reservation>) {
+        while let Some((&port, reservation)) = pending.iter().next() {
+            match tokio::time::timeout(OPERATION_TIMEOUT, self.write(port, reservation)).await {
+                Ok(Ok(())) => {
+                    pending.remove(&port);
+                    self.metrics.database_up.set(1);
+                }
+                Ok(Err(error)) => return self.failed("save a port reservation", &error),
+                Err(_) => {
+                    return self.failed(
+                        "save a port reservation",
+                        &anyhow::anyhow!("no answer within {OPERATION_TIMEOUT:?}"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn failed(&self, what: &str, error: &anyhow::Error) {
+        self.metrics.database_up.set(0);
+        self.metrics.database_errors.inc();
+        tracing::warn!(
+            database = %redact(&self.url),
+            error = %redact(&format!("{error:#}")),
+            "cannot {what}; tunnels keep working, retrying every {RETRY_EVERY:?}"
+        );
     }
 }
 
@@ -101,49 +270,154 @@ fn create_sqlite_file_if_missing(url: &str) -> String {
     }
 }
 
-/// Database URLs may carry passwords; keep them out of error messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***{}", &url[..scheme_end], &url[at..])
+/// Database URLs may carry passwords, in the user info or as a `password` parameter;
+/// keep them out of every message that may be logged.
+pub fn redact(text: &str) -> String {
+    let mut redacted = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(scheme_end) = rest.find("://") {
+        let (head, tail) = rest.split_at(scheme_end + 3);
+        redacted.push_str(head);
+        let authority_end = tail.find(['/', '?', ' ', '\'', '"']).unwrap_or(tail.len());
+        match tail[..authority_end].rfind('@') {
+            Some(at) => {
+                redacted.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
         }
-        _ => url.to_owned(),
     }
+    redacted.push_str(rest);
+    redact_parameter(&redacted, "password=")
+}
+
+fn redact_parameter(text: &str, key: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.to_ascii_lowercase().find(key) {
+        let value_start = at + key.len();
+        out.push_str(&rest[..value_start]);
+        out.push_str("***");
+        let value_end = rest[value_start..]
+            .find(['&', ' ', '\'', '"'])
+            .map_or(rest.len(), |end| value_start + end);
+        rest = &rest[value_end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn sqlite_remembers_and_reassigns_ports() {
-        let dir = std::env::temp_dir().join(format!("localup-store-{}", std::process::id()));
+    fn scratch() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "localup-store-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn reservation(subject: &str, last_seen: u64) -> Reservation {
+        Reservation {
+            subject: subject.into(),
+            epoch: Some(last_seen * 1000),
+            last_seen,
+        }
+    }
+
+    #[tokio::test]
+    async fn sqlite_keeps_reservations_and_migrates_the_old_table() {
+        let dir = scratch();
         let url = format!("sqlite://{}/relay.db", dir.display());
-
-        let store = PortStore::open(Some(&url)).await.unwrap();
-        store.remember("db", 15432).await.unwrap();
-        store.remember("cache", 16379).await.unwrap();
-        store.remember("db", 15433).await.unwrap();
-        // A port taken over by another subject leaves its old holder.
-        store.remember("web", 16379).await.unwrap();
-        drop(store);
-
-        let reopened = PortStore::open(Some(&url)).await.unwrap();
-        let assignments = reopened.load().await.unwrap();
+        {
+            // A database written by an earlier version.
+            sqlx::any::install_default_drivers();
+            let pool = AnyPoolOptions::new()
+                .connect(&create_sqlite_file_if_missing(&url))
+                .await
+                .unwrap();
+            sqlx::query("CREATE TABLE port_assignments (subject TEXT PRIMARY KEY, port BIGINT NOT NULL, updated_at BIGINT NOT NULL)")
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::query("INSERT INTO port_assignments VALUES ('old', 15000, 77)")
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        let metrics = Arc::new(Metrics::default());
+        let (store, database) = Store::open(&url, Arc::clone(&metrics)).unwrap();
+        let loaded = database.load(Duration::from_secs(5)).await.unwrap();
         assert_eq!(
-            assignments,
-            HashMap::from([("db".to_owned(), 15433), ("web".to_owned(), 16379)])
+            loaded,
+            HashMap::from([(
+                15000,
+                Reservation {
+                    subject: "old".into(),
+                    epoch: None,
+                    last_seen: 77
+                }
+            )])
         );
-        assert!(reopened.is_reachable().await);
+        let shutdown = CancellationToken::new();
+        let writer = tokio::spawn(database.run(true, |_| {}, shutdown.clone()));
+        store.remember(15432, reservation("db", 100));
+        store.remember(16379, reservation("cache", 100));
+        store.remember(15432, reservation("db", 200));
+        shutdown.cancel();
+        writer.await.unwrap();
+
+        let (_, reopened) = Store::open(&url, metrics).unwrap();
+        let loaded = reopened.load(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(loaded.len(), 3);
+        assert_eq!(loaded[&15432], reservation("db", 200));
+        assert_eq!(loaded[&16379], reservation("cache", 100));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    #[tokio::test]
+    async fn an_unreachable_database_is_reported_not_waited_for() {
+        let metrics = Arc::new(Metrics::default());
+        // Nothing listens on port 1.
+        let (_, database) = Store::open(
+            "postgres://relay:hunter2@127.0.0.1:1/relay",
+            Arc::clone(&metrics),
+        )
+        .unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(database.load(Duration::from_millis(500)).await.is_none());
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(metrics.database_up.get(), 0);
+        assert_eq!(metrics.database_errors.get(), 1);
+    }
+
     #[test]
-    fn redacts_passwords() {
+    fn a_bad_url_fails_at_once_without_its_password() {
+        let error = Store::open("mysql://user:hunter2@db/x", Arc::new(Metrics::default()))
+            .err()
+            .unwrap();
+        let message = format!("{error:#}");
+        assert!(!message.contains("hunter2"), "{message}");
+        assert!(message.contains("expected sqlite://PATH"), "{message}");
+    }
+
+    #[test]
+    fn redacts_passwords_wherever_they_are() {
         assert_eq!(
             redact("postgres://user:secret@db:5432/relay"),
             "postgres://***@db:5432/relay"
+        );
+        assert_eq!(
+            redact("postgres://db/relay?user=u&password=secret&sslmode=require"),
+            "postgres://db/relay?user=u&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact("error connecting to postgres://u:p@h/d: refused"),
+            "error connecting to postgres://***@h/d: refused"
         );
         assert_eq!(redact("sqlite://relay.db"), "sqlite://relay.db");
     }

@@ -1,6 +1,7 @@
 //! The relay's certificate: the operator's (`--tls-cert/--tls-key`), or a self-signed
 //! one generated once and kept in the state directory, so that clients which pinned
-//! it on first use keep trusting the relay across restarts.
+//! it on first use keep trusting the relay across restarts. QUIC and the TCP fallback
+//! serve the same one.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -78,7 +79,8 @@ impl Identity {
         })
     }
 
-    pub fn server_config(self) -> anyhow::Result<quinn::ServerConfig> {
+    /// The TLS configuration both transports serve: TLS 1.3 only, the protocol's ALPN.
+    pub fn server_config(self) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -86,11 +88,16 @@ impl Identity {
             .with_single_cert(self.chain, self.key)
             .context("the TLS certificate and key do not form a usable pair")?;
         tls.alpn_protocols = vec![localup_protocol::ALPN.to_vec()];
-        let crypto = QuicServerConfig::try_from(tls)?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(transport_config(Role::Relay));
-        Ok(config)
+        Ok(Arc::new(tls))
     }
+}
+
+/// The QUIC form of [`Identity::server_config`].
+pub fn quic_server_config(tls: Arc<rustls::ServerConfig>) -> anyhow::Result<quinn::ServerConfig> {
+    let crypto = QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport_config(Role::Relay));
+    Ok(config)
 }
 
 fn default_state_dir() -> Option<PathBuf> {

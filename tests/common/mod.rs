@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod inprocess;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -168,19 +170,23 @@ pub fn free_port_range(len: u16) -> (u16, u16) {
     }
 }
 
+/// A token from `localup generate-token` with the reference's flags.
 pub fn token(sub: &str) -> String {
+    generate_token(&["--sub", sub])
+}
+
+/// A token whose clients share one port.
+pub fn pool_token(sub: &str) -> String {
+    generate_token(&["--sub", sub, "--pool"])
+}
+
+pub fn generate_token(args: &[&str]) -> String {
     let output = Command::new(BIN)
-        .args([
-            "generate-token",
-            "--secret",
-            SECRET,
-            "--sub",
-            sub,
-            "--token-only",
-        ])
+        .args(["generate-token", "--secret", SECRET, "--token-only"])
+        .args(args)
         .output()
         .unwrap();
-    assert!(output.status.success());
+    assert!(output.status.success(), "{output:?}");
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
@@ -251,13 +257,12 @@ impl Relay {
         http_get(self.admin_port, path)
     }
 
+    /// The value of the metric line that is exactly `name` (labels included); fails
+    /// when there is none.
     pub fn metric(&self, name: &str) -> f64 {
-        let (_, body) = self.admin_get("/metrics");
-        body.lines()
-            .find(|line| line.starts_with(name) && !line.starts_with('#'))
-            .and_then(|line| line.rsplit(' ').next())
-            .map(|value| value.parse().unwrap())
-            .unwrap_or(0.0)
+        let (status, body) = self.admin_get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        inprocess::metric_value(&body, name)
     }
 }
 
