@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs, once, what building and testing localup needs on Debian: real servers and
-# clients for the end-to-end tests (PostgreSQL, Redis, OpenSSH), iperf3 and socat for
-# the benchmark, podman and runc for the images. Re-running is a no-op.
+# clients for the end-to-end tests (PostgreSQL, Redis, OpenSSH, nginx for the PROXY
+# protocol), iperf3 and socat for the benchmark, podman and runc for the images,
+# iptables for the network-fault tests. Re-running is a no-op.
 set -euo pipefail
 
 packages=(
   build-essential pkg-config curl jq socat iperf3 lsof psmisc procps iproute2
   postgresql postgresql-client redis-server redis-tools openssh-server openssh-client
-  podman runc python3-venv
+  nginx podman runc python3-venv iptables
 )
 
 missing=()
@@ -21,7 +22,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   # The test suite starts its own servers on free ports; the packaged ones would only
   # hold the default ports.
-  for service in postgresql redis-server ssh; do
+  for service in postgresql redis-server ssh nginx; do
     systemctl disable --now "$service" >/dev/null 2>&1 || service "$service" stop >/dev/null 2>&1 || true
   done
 fi

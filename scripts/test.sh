@@ -19,6 +19,12 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "unit and end-to-end tests (relay, client, operator units)"
 cargo test --workspace
 
+step "end-to-end tests that need the servers installed above or a minute each"
+cargo test --test services --test policy --test security --test chaos -- --ignored
+
+step "network faults in a private network namespace (tests/faults.rs, root)"
+scripts/fault-tests.sh
+
 step "hostile peers (tests/hostile: aioquic garbage, slowloris, handshake floods)"
 tests/hostile/run.sh
 

@@ -3,7 +3,7 @@
 //! tunnel must recover on its port.
 //!
 //! The client's `--relay` is a fault proxy (`localup-fault-proxy`) in front of the
-//! relay's control port: UDP for QUIC (the reference command, no `--transport`), TCP
+//! relay's control port: UDP for QUIC (the README's command, no `--transport`), TCP
 //! for `--transport tcp`, both on one port number for `--transport auto`. These run in
 //! plain `cargo test`. The `#[ignore]`d cases drop packets with iptables instead and
 //! need root in a private network namespace: `scripts/fault-tests.sh` runs them.
@@ -179,7 +179,7 @@ fn long_blackhole_is_recovered_on_the_same_port(transport: Transport) {
     eprintln!("{transport:?}: serving again {took:?} after the link returned");
 }
 
-// QUIC: the reference command through a UDP proxy.
+// QUIC: the README's command through a UDP proxy.
 
 #[test]
 fn quic_50ms_delay_each_way_keeps_megabytes_intact_over_several_connections() {

@@ -171,7 +171,7 @@ async fn a_pool_whose_last_client_left_holds_new_connections_for_the_next_one() 
 }
 
 /// A client killed outright (no goodbye: its relay connection looks alive until the
-/// idle timeout) and started again with the reference's command gets its port back.
+/// idle timeout) and started again with the same command gets its port back.
 #[test]
 fn a_killed_client_restarted_serves_the_same_port_within_5_seconds() {
     let relay = Relay::start(20);

@@ -9,6 +9,7 @@
 //! nothing.
 
 use std::io::{self, IoSlice};
+use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -22,10 +23,12 @@ use crate::transport::{RecvHalf, SendHalf};
 /// Reads start small (most connections are chatty) and double while they come back
 /// full and the stream keeps up, so bulk transfers move in large chunks (per-chunk
 /// costs dominate at high rates); a stream that runs out of credit drops back to small
-/// reads.
+/// reads. The largest stays below glibc's smallest mmap threshold (128 KiB): larger
+/// buffers, freed and reallocated by thousands of connections, raise that threshold and
+/// land on a heap that fragments, and a relay's memory then grows with what it carries.
 const FIRST_READ: usize = 16 * 1024;
-const LARGEST_READ: usize = 256 * 1024;
-/// Reads smaller than this are copied into a chunk of their own size.
+const LARGEST_READ: usize = 64 * 1024;
+/// Reads smaller than this are always copied into a chunk of their own size.
 const COPY_BELOW: usize = 4 * 1024;
 /// How many received QUIC chunks are gathered into one `writev`.
 const CHUNKS_PER_WRITE: usize = 32;
@@ -127,17 +130,24 @@ async fn tcp_to_stream(
                 }
                 total += read as u64;
                 meter.tcp_to_stream(read as u64);
-                // Quinn keeps a chunk until the peer acknowledges it. Small reads are
-                // copied out and the buffer dropped, so a connection waiting for data
-                // holds no buffer; large ones are handed over without copying.
-                let chunk = if read < COPY_BELOW {
+                // The transport keeps a chunk, and the whole allocation under it, until
+                // the peer acknowledges it. Small reads, and reads that filled less than
+                // half of their buffer, are copied out and the buffer dropped, so a
+                // waiting connection holds no buffer and memory in flight is at most
+                // twice the data; reads that (nearly) filled it go without copying.
+                let chunk = if read < COPY_BELOW || read < buffer.capacity() / 2 {
                     let chunk = Bytes::copy_from_slice(&buffer);
                     buffer = BytesMut::new();
                     chunk
                 } else {
                     std::mem::take(&mut buffer).freeze()
                 };
-                send.write_chunk(chunk).await?;
+                // A stream that had to wait for credit holds what it read meanwhile:
+                // read less next time, so streams stuck behind flow control each hold
+                // a small read, not a large one.
+                if !write_at_once(send, chunk).await? {
+                    read_size = (read_size / 2).max(FIRST_READ.min(largest_read));
+                }
                 if let Some(limit) = limit {
                     tokio::time::sleep(limit.take(read as u64)).await;
                 }
@@ -145,6 +155,16 @@ async fn tcp_to_stream(
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
             Err(error) => return Err(error),
         }
+    }
+}
+
+/// Writes `chunk`; true when the stream took it without waiting for credit.
+async fn write_at_once(send: &mut SendHalf, chunk: Bytes) -> io::Result<bool> {
+    let mut write = std::pin::pin!(send.write_chunk(chunk));
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(result) => result.map(|()| true),
+        Poll::Pending => write.await.map(|()| false),
     }
 }
 

@@ -48,7 +48,8 @@ pub enum AllocError {
     )]
     Superseded { port: u16 },
     #[error(
-        "Failed to bind to port {port}: {source} (tried {BIND_ATTEMPTS} times, 1 s apart); see what holds it with `lsof -i :{port}`, or omit --remote-port to have a free port allocated"
+        "Failed to bind to port {port}: {source} (tried {BIND_ATTEMPTS} times, {}s apart); see what holds it with `lsof -i :{port}`, or omit --remote-port to have a free port allocated",
+        BIND_RETRY_DELAY.as_secs()
     )]
     BindFailed { port: u16, source: io::Error },
     #[error(

@@ -22,7 +22,8 @@ use crate::store::{Database, Store};
 use crate::tls::{self, Identity};
 use crate::tunnels::{Settings, Tunnels};
 
-/// Shorter JWT secrets are accepted (the reference uses one) but easier to guess.
+/// Shorter JWT secrets are accepted (the README's walkthrough uses one) but easier to
+/// guess.
 const RECOMMENDED_SECRET_LEN: usize = 32;
 /// How long the relay waits for its database at start before starting without it.
 const STARTUP_LOAD: Duration = Duration::from_secs(5);

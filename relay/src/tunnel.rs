@@ -513,8 +513,10 @@ pub async fn accept_loop(
             reset(tcp);
             continue;
         }
+        // Counted before the task starts, so a burst cannot slip past the limit.
+        let counted = ConnectionCount::new(Arc::clone(&tunnel));
         let span = info_span!("connection", port = tunnel.port, %peer);
-        connections.spawn(carry(Arc::clone(&tunnel), tcp, peer, policy, slot).instrument(span));
+        connections.spawn(carry(counted, tcp, peer, policy, slot).instrument(span));
     }
 }
 
@@ -525,13 +527,13 @@ fn reset(tcp: TcpStream) {
 
 /// One external connection, carried over a new stream to a member that takes it.
 async fn carry(
-    tunnel: Arc<Tunnel>,
+    counted: ConnectionCount,
     tcp: TcpStream,
     peer: SocketAddr,
     policy: Arc<Policy>,
     _slot: OwnedSemaphorePermit,
 ) {
-    let _counted = ConnectionCount::new(&tunnel);
+    let tunnel = &counted.0;
     let local = tcp.local_addr().ok();
     let mut tried = HashSet::new();
     loop {
@@ -582,7 +584,7 @@ async fn carry(
             }
         };
         let metered = Metered {
-            tunnel: &tunnel,
+            tunnel,
             policy: &policy,
         };
         match forward(tcp, send, recv, &metered).await {
@@ -594,10 +596,10 @@ async fn carry(
 }
 
 /// Counts one external connection for as long as it lives.
-struct ConnectionCount<'a>(&'a Tunnel);
+struct ConnectionCount(Arc<Tunnel>);
 
-impl<'a> ConnectionCount<'a> {
-    fn new(tunnel: &'a Tunnel) -> Self {
+impl ConnectionCount {
+    fn new(tunnel: Arc<Tunnel>) -> Self {
         tunnel
             .stats
             .connections_active
@@ -612,7 +614,7 @@ impl<'a> ConnectionCount<'a> {
     }
 }
 
-impl Drop for ConnectionCount<'_> {
+impl Drop for ConnectionCount {
     fn drop(&mut self) {
         self.0
             .stats

@@ -65,9 +65,12 @@ impl LiveRelay {
         }
     }
 
-    /// `localhost:PORT` as clients dial it.
+    /// As clients dial it: `localhost:PORT`, or `[::1]:PORT` for a relay on IPv6.
     pub fn addr(&self) -> String {
-        format!("localhost:{}", self.control.port())
+        match self.control {
+            SocketAddr::V4(_) => format!("localhost:{}", self.control.port()),
+            SocketAddr::V6(addr) => format!("[{}]:{}", addr.ip(), addr.port()),
+        }
     }
 
     pub fn cert(&self) -> PathBuf {

@@ -143,12 +143,16 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A port free for UDP and TCP both, as a relay's control port must be (QUIC, and TLS
+/// on TCP on the same number).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn free_tcp_port() -> u16 {
@@ -170,7 +174,7 @@ pub fn free_port_range(len: u16) -> (u16, u16) {
     }
 }
 
-/// A token from `localup generate-token` with the reference's flags.
+/// A token from `localup generate-token` with the README's flags.
 pub fn token(sub: &str) -> String {
     generate_token(&["--sub", sub])
 }
@@ -221,7 +225,7 @@ impl Relay {
         Self::start_with(RelayOptions::range(free_port_range(range_len)))
     }
 
-    /// Starts `localup relay tcp` with the reference's flags and waits until it serves.
+    /// Starts `localup relay tcp` with the README's flags and waits until it serves.
     pub fn start_with(options: RelayOptions) -> Self {
         let control_port = options.control_port.unwrap_or_else(free_udp_port);
         let admin_port = free_tcp_port();
@@ -314,7 +318,7 @@ impl Client {
         Process::spawn(command)
     }
 
-    /// Starts a client and waits for the reference's success line; returns it and the port.
+    /// Starts a client and waits for its success line; returns it and the port.
     pub fn start(relay: &Relay, local_port: u16, token: &str, extra: &[&str]) -> (Self, u16) {
         let home = scratch_dir("client");
         Self::start_in(relay, local_port, token, extra, home)
