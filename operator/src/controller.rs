@@ -1,50 +1,90 @@
-//! The reconciler: for each TcpTunnel, assign a relay port, write the sidecar's token
-//! Secret, put the port on the relay's LoadBalancer Service, roll the Deployments it
-//! selects, and report all of it as status, conditions and events. Deleting a tunnel
-//! (finalizer) takes its port off the Service, deletes its Secret and rolls the sidecar
-//! out again.
+//! The reconciler. Each pass reads what a tunnel depends on, once each (every
+//! TcpTunnel, the relay Service, the relay's two Secrets, the tunnel's pods), lets
+//! [`plan`](crate::plan::plan) decide, and applies the plan: the relay Service's ports,
+//! the token Secret, the status (all of it decided and written under one lock, so port
+//! decisions never collide), then Events and the rolls of workloads whose pods need (or
+//! must lose) the sidecar.
+//!
+//! There is no finalizer: a deleted tunnel's token Secret goes with it (owner
+//! reference), and [`repair::sweep`] takes its port off the relay Service (quarantining it) and
+//! rolls the pods still carrying its sidecar. The sweep runs when a tunnel is deleted,
+//! when one gives up its port or pods, and every few minutes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::Action;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{self as runtime_controller, Action};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use localup_protocol::token::Claims;
+use localup_protocol::token::unix_now;
+use tokio::sync::Notify;
+use tracing::instrument;
 
-use crate::allocator::{self, Decision};
 use crate::config::Config;
 use crate::crd::{API_VERSION, KIND, TcpTunnel, TcpTunnelStatus};
+use crate::guard;
+use crate::keys::{LEGACY_FINALIZER, MANAGER, TUNNEL_LABEL, name_fragment};
 use crate::metrics::Metrics;
-use crate::resources::{self, SidecarCredentials};
-use crate::status::{self, Outcome};
-
-pub const FINALIZER: &str = "localup.dev/cleanup";
-const FIELD_MANAGER: &str = "localup-operator";
-/// How often a tunnel that cannot be served yet is looked at again (a conflicting port
-/// may have been freed, a missing relay installed).
-const RETRY_NOT_READY: Duration = Duration::from_secs(10);
-const RECHECK_READY: Duration = Duration::from_secs(3600);
+use crate::plan::{self, Note, Observed, Plan, Rules};
+use crate::repair;
+use crate::status::{Outcome, Stage};
+use crate::token::RelayTrust;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API request failed: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("{0}")]
-    Finalizer(#[source] Box<finalizer::Error<Error>>),
+    #[error("{}: {source}", describe(*stage))]
+    Api {
+        stage: Stage,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot write the TcpTunnel's status: {0}")]
+    Status(#[source] kube::Error),
+}
+
+fn describe(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Read => "cannot read",
+        Stage::RelayService => "cannot update the relay Service",
+        Stage::TokenSecret => "cannot write the token Secret",
+        Stage::Rollout => "cannot roll a workload",
+        Stage::Finalizer => "cannot remove the legacy finalizer",
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+pub(crate) fn at(stage: Stage) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Api { stage, source }
+}
+
+/// The message the API server gave, without kube's wrapping.
+fn api_message(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) if !status.message.is_empty() => status.message.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn api_code(error: &kube::Error) -> Option<u16> {
+    match error {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
+}
+
 pub struct Context {
     pub client: Client,
     pub config: Config,
+    pub rules: Rules,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     /// Serialises port decisions and relay Service updates within this replica; leader
@@ -52,30 +92,58 @@ pub struct Context {
     pub allocation: tokio::sync::Mutex<()>,
     /// Consecutive failures per tunnel, for the retry backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// The credentials digest of the token Secret this process wrote, per tunnel UID.
+    pub tokens_written: Mutex<HashMap<String, String>>,
+    /// When a pod's "must be recreated" Event was last published, per tunnel and pod.
+    pub pod_notes: Mutex<HashMap<String, Instant>>,
+    /// Whether this replica's webhook serves: repairs only roll pods when it does, or
+    /// the new pods would miss the sidecar again.
+    pub webhook_ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Wakes the sweep.
+    pub sweep: Arc<Notify>,
+    /// When this process started (Unix seconds), for the pace of repairs.
+    pub started: u64,
 }
 
-pub async fn reconcile(tunnel: Arc<TcpTunnel>, ctx: Arc<Context>) -> Result<Action> {
-    let namespace = tunnel.namespace().unwrap_or_default();
-    let api: Api<TcpTunnel> = Api::namespaced(ctx.client.clone(), &namespace);
-    let key = tunnel.key();
-    let action = match finalizer(&api, FINALIZER, tunnel, |event| async {
-        match event {
-            finalizer::Event::Apply(tunnel) => apply(&tunnel, &ctx).await,
-            finalizer::Event::Cleanup(tunnel) => cleanup(&tunnel, &ctx).await,
+impl Context {
+    pub fn new(
+        client: Client,
+        config: Config,
+        rules: Rules,
+        metrics: Arc<Metrics>,
+        recorder: Recorder,
+        webhook_ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    ) -> Self {
+        Context {
+            client,
+            config,
+            rules,
+            metrics,
+            recorder,
+            allocation: Default::default(),
+            failures: Default::default(),
+            tokens_written: Default::default(),
+            pod_notes: Default::default(),
+            webhook_ready,
+            sweep: Default::default(),
+            started: unix_now(),
         }
-    })
-    .await
-    {
-        Ok(action) => action,
-        // A stale queued event for a tunnel that is already gone: nothing left to do.
-        Err(
-            finalizer::Error::AddFinalizer(kube::Error::Api(status))
-            | finalizer::Error::RemoveFinalizer(kube::Error::Api(status)),
-        ) if status.code == 404 => Action::await_change(),
-        Err(error) => return Err(Error::Finalizer(Box::new(error))),
-    };
-    ctx.failures.lock().unwrap().remove(&key);
-    Ok(action)
+    }
+}
+
+#[instrument(skip_all, fields(tunnel = %tunnel.key()))]
+pub async fn reconcile(tunnel: Arc<TcpTunnel>, ctx: Arc<Context>) -> Result<Action> {
+    let mut latest = None;
+    match pass(&tunnel, &ctx, &mut latest).await {
+        Ok(action) => {
+            ctx.failures.lock().unwrap().remove(&tunnel.key());
+            Ok(action)
+        }
+        Err(error) => {
+            report_failure(latest.as_ref().unwrap_or(&tunnel), &ctx, &error).await;
+            Err(error)
+        }
+    }
 }
 
 /// Retries with exponential backoff (1 s doubling to 5 min), so an API server that is
@@ -94,187 +162,106 @@ pub fn error_policy(tunnel: Arc<TcpTunnel>, error: &Error, ctx: Arc<Context>) ->
     Action::requeue(delay)
 }
 
-/// What provisioning achieved: the outcome and what the status must record.
-struct Provisioned {
-    outcome: Outcome,
-    port: Option<u16>,
-    token_secret: Option<String>,
-    /// When the token must be replaced (Unix seconds).
-    renew_at: Option<u64>,
-}
-
-impl Provisioned {
-    fn failed(outcome: Outcome, port: Option<u16>) -> Self {
-        Self {
-            outcome,
-            port,
-            token_secret: None,
-            renew_at: None,
-        }
-    }
-}
-
-async fn apply(tunnel: &TcpTunnel, ctx: &Context) -> Result<Action> {
-    let provisioned = provision(tunnel, ctx).await?;
-    publish_status(tunnel, ctx, &provisioned).await?;
-    match (&provisioned.token_secret, provisioned.port) {
-        // Only now that the status names the port and the token Secret can the webhook
-        // give the rolled pods their sidecar.
-        (Some(_), port) => roll_deployments(tunnel, ctx, port).await?,
-        // No port any more (a conflicting or invalid spec): pods lose the sidecar.
-        (None, None) => roll_deployments(tunnel, ctx, None).await?,
-        // The port is held but the relay is not reachable yet: pods stay as they are.
-        (None, Some(_)) => {}
-    }
-    // A port this tunnel gave up leaves the relay Service only now that its status no
-    // longer records it.
-    if tunnel.assigned_port().is_some() && provisioned.port.is_none() {
-        sync_relay_service(ctx).await?;
-    }
-    ctx.metrics.reconciled(provisioned.outcome.reason());
-    Ok(match (&provisioned.outcome, provisioned.renew_at) {
-        (Outcome::Assigned { .. }, Some(renew_at)) => {
-            let until_renewal = Duration::from_secs(renew_at.saturating_sub(unix_now()).max(1));
-            Action::requeue(until_renewal.min(RECHECK_READY))
-        }
-        _ => Action::requeue(RETRY_NOT_READY),
-    })
-}
-
-async fn provision(tunnel: &TcpTunnel, ctx: &Context) -> Result<Provisioned> {
-    if let Err(problem) = resources::tunnel_selector(tunnel) {
-        return Ok(Provisioned::failed(
-            Outcome::InvalidSelector { problem },
-            None,
-        ));
-    }
-    let port = match assign_port(tunnel, ctx).await? {
-        Decision::Assigned(port) => port,
-        Decision::OutOfRange { requested, range } => {
-            return Ok(Provisioned::failed(
-                Outcome::PortOutOfRange { requested, range },
-                None,
-            ));
-        }
-        Decision::Conflict { requested, holder } => {
-            return Ok(Provisioned::failed(
-                Outcome::PortConflict { requested, holder },
-                None,
-            ));
-        }
-        Decision::Exhausted { range } => {
-            return Ok(Provisioned::failed(Outcome::PortsExhausted { range }, None));
-        }
+/// Every failure shows on the tunnel: Ready=False with the stage's reason and the API
+/// server's message, and a Warning Event. A conflict (someone changed the relay Service
+/// between our read and our write) is not a failure: the retry settles it. `tunnel` is
+/// the latest state known, including a status the failed pass already wrote, so only
+/// the Ready condition changes.
+async fn report_failure(tunnel: &TcpTunnel, ctx: &Context, error: &Error) {
+    let Error::Api { stage, source } = error else {
+        return;
     };
+    if api_code(source) == Some(409) {
+        return;
+    }
+    let outcome = Outcome::ApiFailed {
+        stage: *stage,
+        message: api_message(source),
+    };
+    let status = plan::failed_status(tunnel, &outcome, Timestamp::now());
+    let unchanged = tunnel.status.as_ref() == Some(&status);
+    if !unchanged && let Err(error) = apply_status(tunnel, ctx, &status).await {
+        tracing::warn!(%error, "cannot report the failure in the status");
+    }
+    let note = Note {
+        warning: true,
+        reason: outcome.reason().into(),
+        message: outcome.message(),
+    };
+    publish(ctx, &tunnel.object_ref(&()), note, None).await;
+}
+
+/// One pass: read, plan, apply. `latest` follows the tunnel as read and as written.
+async fn pass(
+    trigger: &TcpTunnel,
+    ctx: &Context,
+    latest: &mut Option<TcpTunnel>,
+) -> Result<Action> {
     let config = &ctx.config;
-    let relay_not_found = || Outcome::RelayNotFound {
-        service: format!("{}/{}", config.relay_namespace, config.relay_service),
-    };
-    let Some(service) = sync_relay_service(ctx).await? else {
-        return Ok(Provisioned::failed(relay_not_found(), Some(port)));
-    };
-    let Some(relay_address) = resources::relay_address(&service, config.relay_control_port) else {
-        return Ok(Provisioned::failed(relay_not_found(), Some(port)));
-    };
-    let trust = match relay_trust(ctx).await? {
-        Ok(trust) => trust,
-        Err(problem) => {
-            return Ok(Provisioned::failed(
-                Outcome::RelaySecretMissing { problem },
-                Some(port),
-            ));
-        }
-    };
-    let (token_secret, renew_at) = write_token(tunnel, ctx, &trust, relay_address, port).await?;
-    let outcome = match resources::endpoint(&service, config.public_address.as_deref(), port) {
-        Some(endpoint) => Outcome::Assigned { port, endpoint },
-        None => Outcome::AwaitingAddress {
-            port,
-            service: format!("{}/{}", config.relay_namespace, config.relay_service),
-        },
-    };
-    Ok(Provisioned {
-        outcome,
-        port: Some(port),
-        token_secret: Some(token_secret),
-        renew_at: Some(renew_at),
-    })
-}
+    let namespace = trigger.namespace().unwrap_or_default();
+    let decisions = ctx.allocation.lock().await;
 
-/// Decides the tunnel's port from every tunnel's status as the API server has it now,
-/// and records a new assignment before anyone else may decide.
-async fn assign_port(tunnel: &TcpTunnel, ctx: &Context) -> Result<Decision> {
-    let _decisions = ctx.allocation.lock().await;
-    let all: Api<TcpTunnel> = Api::all(ctx.client.clone());
-    let tunnels = all.list(&ListParams::default()).await?.items;
-    let holdings = allocator::holdings(&tunnels);
-    let fresh = tunnels
-        .iter()
-        .find(|candidate| candidate.uid() == tunnel.uid())
-        .unwrap_or(tunnel);
-    let current = fresh.assigned_port();
-    let requested = tunnel
-        .spec
-        .remote_port
-        .map(|port| u16::try_from(port).unwrap_or(0));
-    let decision = allocator::decide(
-        &tunnel.key(),
-        requested,
-        current,
-        ctx.config.port_range,
-        &holdings,
-    );
-    if let Decision::Assigned(port) = decision
-        && current != Some(port)
-    {
-        let mut status = fresh.status.clone().unwrap_or_default();
-        status.remote_port = Some(i32::from(port));
-        apply_status(tunnel, ctx, &status).await?;
-        tracing::info!(tunnel = %tunnel.key(), port, "port assigned");
-        ctx.metrics.assigned_ports.set(holdings.len() as i64 + 1);
-    }
-    Ok(decision)
-}
-
-/// Makes the relay Service's tunnel ports exactly the ports held by live tunnels, and
-/// returns the Service (`None` when it does not exist). A concurrent change to the
-/// Service makes the replace fail on its resourceVersion, and the reconcile is retried.
-async fn sync_relay_service(ctx: &Context) -> Result<Option<Service>> {
-    let _decisions = ctx.allocation.lock().await;
-    let config = &ctx.config;
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &config.relay_namespace);
-    let Some(mut service) = services.get_opt(&config.relay_service).await? else {
-        return Ok(None);
-    };
-    let all: Api<TcpTunnel> = Api::all(ctx.client.clone());
-    let live: Vec<TcpTunnel> = all
+    let tunnels = Api::<TcpTunnel>::all(ctx.client.clone())
         .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|tunnel| tunnel.metadata.deletion_timestamp.is_none())
-        .collect();
-    let ports: BTreeSet<u16> = allocator::holdings(&live).into_keys().collect();
-    ctx.metrics.assigned_ports.set(ports.len() as i64);
-    let spec = service.spec.get_or_insert_with(Default::default);
-    let existing = spec.ports.clone().unwrap_or_default();
-    let desired = resources::relay_service_ports(&existing, &ports);
-    if desired == existing {
-        return Ok(Some(service));
-    }
-    spec.ports = Some(desired);
-    service.metadata.managed_fields = None;
-    let service = services
-        .replace(&config.relay_service, &PostParams::default(), &service)
-        .await?;
-    tracing::info!(service = %config.relay_service, ?ports, "relay Service ports updated");
-    Ok(Some(service))
-}
-
-/// What the operator needs from the relay's Secrets to mint tokens sidecars can use.
-struct RelayTrust {
-    jwt_secret: Vec<u8>,
-    ca_pem: String,
+        .await
+        .map_err(at(Stage::Read))?
+        .items;
+    let Some(tunnel) = tunnels.iter().find(|tunnel| {
+        tunnel.uid() == trigger.uid() && tunnel.metadata.namespace == trigger.metadata.namespace
+    }) else {
+        // Deleted since the event that queued this pass.
+        ctx.sweep.notify_one();
+        return Ok(Action::await_change());
+    };
+    *latest = Some(tunnel.clone());
+    let service = Api::<Service>::namespaced(ctx.client.clone(), &config.relay_namespace)
+        .get_opt(&config.relay_service)
+        .await
+        .map_err(at(Stage::Read))?;
+    let trust = relay_trust(ctx).await?;
+    let namespace_labels = match ctx.rules.namespaces.needs_labels() {
+        true => Api::<Namespace>::all(ctx.client.clone())
+            .get_opt(&namespace)
+            .await
+            .map_err(at(Stage::Read))?
+            .map(|namespace| namespace.labels().clone()),
+        false => None,
+    };
+    let pods = match guard::tunnel_selector(tunnel) {
+        Ok(selector) if !tunnel.is_deleting() => {
+            Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
+                .list(&ListParams::default().labels(&selector.to_string()))
+                .await
+                .map_err(at(Stage::Read))?
+                .items
+        }
+        _ => Vec::new(),
+    };
+    let token_written_by_this_process = {
+        let written = ctx.tokens_written.lock().unwrap();
+        let digest = tunnel
+            .status
+            .as_ref()
+            .and_then(|status| status.credentials_digest.as_ref());
+        tunnel
+            .uid()
+            .and_then(|uid| written.get(&uid))
+            .is_some_and(|written| Some(written) == digest)
+    };
+    let plan = plan::plan(
+        Observed {
+            tunnel,
+            tunnels: &tunnels,
+            relay_service: service.as_ref(),
+            relay_trust: trust.as_ref().map_err(String::as_str),
+            namespace_labels: namespace_labels.as_ref(),
+            pods: &pods,
+            token_written_by_this_process,
+            now: Timestamp::now(),
+        },
+        &ctx.rules,
+    );
+    apply(tunnel, ctx, plan, decisions, latest).await
 }
 
 /// The relay's signing secret and certificate, or what is missing, said so a user can
@@ -283,7 +270,7 @@ async fn relay_trust(ctx: &Context) -> Result<Result<RelayTrust, String>> {
     let config = &ctx.config;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &config.relay_namespace);
     let read = async |name: &str, key: &str| -> Result<Result<Vec<u8>, String>> {
-        let Some(secret) = secrets.get_opt(name).await? else {
+        let Some(secret) = secrets.get_opt(name).await.map_err(at(Stage::Read))? else {
             return Ok(Err(format!(
                 "the relay's Secret {}/{name} does not exist (is the localup-relay chart installed?)",
                 config.relay_namespace
@@ -301,227 +288,279 @@ async fn relay_trust(ctx: &Context) -> Result<Result<RelayTrust, String>> {
                 )
             }))
     };
-    let jwt_secret = match read(&config.relay_jwt_secret, &config.relay_jwt_secret_key).await? {
-        Ok(secret) => secret,
-        Err(problem) => return Ok(Err(problem)),
-    };
-    let ca_pem = match read(&config.relay_tls_secret, "tls.crt").await? {
-        Ok(pem) => String::from_utf8_lossy(&pem).into_owned(),
-        Err(problem) => return Ok(Err(problem)),
-    };
-    Ok(Ok(RelayTrust { jwt_secret, ca_pem }))
+    let jwt_secret = read(&config.relay_jwt_secret, &config.relay_jwt_secret_key).await?;
+    let ca_pem = read(&config.relay_tls_secret, "tls.crt").await?;
+    Ok(jwt_secret.and_then(|jwt_secret| {
+        ca_pem.map(|pem| RelayTrust {
+            jwt_secret,
+            ca_pem: String::from_utf8_lossy(&pem).into_owned(),
+        })
+    }))
 }
 
-/// Writes the token Secret unless it already holds a fitting token and the same relay
-/// details; returns its name and when its token must be renewed.
-async fn write_token(
+async fn apply(
     tunnel: &TcpTunnel,
     ctx: &Context,
-    trust: &RelayTrust,
-    relay_address: String,
-    port: u16,
-) -> Result<(String, u64)> {
+    plan: Plan<'_>,
+    decisions: tokio::sync::MutexGuard<'_, ()>,
+    latest: &mut Option<TcpTunnel>,
+) -> Result<Action> {
+    let config = &ctx.config;
     let namespace = tunnel.namespace().unwrap_or_default();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let name = resources::token_secret_name(&tunnel.name_any());
-    let existing = secrets.get_opt(&name).await?;
-    let existing_credentials = existing.as_ref().and_then(SidecarCredentials::from_secret);
-    let lifetime = ctx.config.token_lifetime;
-    let token = resources::reusable_token(
-        existing_credentials
-            .as_ref()
-            .map(|credentials| credentials.token.as_str()),
-        &trust.jwt_secret,
-        &tunnel.key(),
-        port,
-        lifetime,
-        unix_now(),
-    )
-    .unwrap_or_else(|| resources::mint_token(&trust.jwt_secret, &tunnel.key(), port, lifetime));
-    let expires = Claims::verify(&token, &trust.jwt_secret)
-        .ok()
-        .and_then(|claims| claims.exp)
-        .unwrap_or_else(unix_now);
-    let credentials = SidecarCredentials {
-        token,
-        relay: relay_address,
-        ca_pem: trust.ca_pem.clone(),
-        remote_port: port,
-    };
-    let owned = existing.as_ref().is_some_and(|secret| {
-        secret
-            .owner_references()
-            .iter()
-            .any(|owner| Some(&owner.uid) == tunnel.uid().as_ref())
-    });
-    if existing_credentials.as_ref() != Some(&credentials) || !owned {
-        let mut secret = serde_json::to_value(resources::token_secret(tunnel, &credentials))
-            .expect("a Secret serializes");
-        secret["apiVersion"] = "v1".into();
-        secret["kind"] = "Secret".into();
-        secrets
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(secret),
-            )
-            .await?;
-        tracing::info!(tunnel = %tunnel.key(), secret = %name, port, "token Secret written");
+    if plan.remove_legacy_finalizer {
+        remove_legacy_finalizer(tunnel, ctx).await?;
     }
-    Ok((name, resources::renewal_time(expires, lifetime)))
-}
-
-/// Rolls the Deployments whose pods the tunnel selects (so their new pods pass the
-/// webhook and get the sidecar), or, with `port` None, those it rolled before (so
-/// their pods lose it).
-async fn roll_deployments(tunnel: &TcpTunnel, ctx: &Context, port: Option<u16>) -> Result<()> {
-    let namespace = tunnel.namespace().unwrap_or_default();
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let selector = resources::tunnel_selector(tunnel).ok();
-    let annotation = resources::rollout_annotation(&tunnel.name_any());
-    for deployment in deployments.list(&ListParams::default()).await? {
-        let template = deployment
-            .spec
-            .as_ref()
-            .and_then(|spec| spec.template.metadata.as_ref());
-        let selected = selector.as_ref().is_some_and(|selector| {
-            resources::selects(selector, template.and_then(|meta| meta.labels.as_ref()))
-        });
-        let current = template
-            .and_then(|meta| meta.annotations.as_ref())
-            .and_then(|annotations| annotations.get(&annotation))
-            .cloned();
-        let wanted = port.filter(|_| selected);
-        if current == wanted.map(|port| port.to_string()) {
-            continue;
-        }
-        let name = deployment.name_any();
-        deployments
+    if plan.deleting {
+        drop(decisions);
+        ctx.sweep.notify_one();
+        return Ok(Action::await_change());
+    }
+    if let Some(patch) = &plan.relay_service_patch {
+        Api::<Service>::namespaced(ctx.client.clone(), &config.relay_namespace)
             .patch(
-                &name,
+                &config.relay_service,
                 &PatchParams::default(),
-                &Patch::Merge(resources::rollout_patch(&tunnel.name_any(), wanted)),
+                &Patch::Merge(patch),
             )
-            .await?;
-        let note = match wanted {
-            Some(port) => {
-                format!("rolled Deployment {name} so its pods get the sidecar for port {port}")
-            }
-            None => format!("rolled Deployment {name} so its pods drop the sidecar"),
-        };
-        tracing::info!(tunnel = %tunnel.key(), deployment = %name, "{note}");
-        publish_event(ctx, tunnel, EventType::Normal, "RolledOut", note).await;
+            .await
+            .map_err(at(Stage::RelayService))?;
+        tracing::info!(service = %config.relay_service, "relay Service ports updated");
     }
-    Ok(())
+    if let Some((secret, digest)) = &plan.token_secret {
+        let name = secret.name_any();
+        let mut object = serde_json::to_value(secret).expect("a Secret serializes");
+        object["apiVersion"] = "v1".into();
+        object["kind"] = "Secret".into();
+        Api::<Secret>::namespaced(ctx.client.clone(), &namespace)
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(object),
+            )
+            .await
+            .map_err(at(Stage::TokenSecret))?;
+        if let Some(uid) = tunnel.uid() {
+            ctx.tokens_written
+                .lock()
+                .unwrap()
+                .insert(uid, digest.clone());
+        }
+        ctx.metrics.tokens_written.inc();
+        tracing::info!(secret = %name, "token Secret written");
+    }
+    if let Some(status) = &plan.status {
+        apply_status(tunnel, ctx, status)
+            .await
+            .map_err(Error::Status)?;
+        if let Some(latest) = latest {
+            latest.status = Some(status.clone());
+        }
+    }
+    drop(decisions);
+
+    let outcome = plan.outcome.as_ref();
+    if let Some(note) = plan.note.clone() {
+        tracing::info!(reason = %note.reason, "{}", note.message);
+        publish(ctx, &tunnel.object_ref(&()), note, None).await;
+    }
+    let mut requeue = plan.requeue;
+    if let Some(wait) = repair::roll_workloads(tunnel, ctx, &plan.rolls).await? {
+        requeue = requeue.min(wait);
+    }
+    if plan.wake_sweep {
+        ctx.sweep.notify_one();
+    }
+    if let Some(outcome) = outcome {
+        ctx.metrics.reconciled(outcome.reason());
+    }
+    Ok(Action::requeue(requeue))
 }
 
-async fn publish_status(
-    tunnel: &TcpTunnel,
-    ctx: &Context,
-    provisioned: &Provisioned,
-) -> Result<()> {
-    let generation = tunnel.metadata.generation;
-    let previous_condition = tunnel.ready_condition();
-    let condition = status::ready_condition(
-        &provisioned.outcome,
-        generation,
-        previous_condition,
-        Timestamp::now(),
-    );
-    let endpoint = match &provisioned.outcome {
-        Outcome::Assigned { endpoint, .. } => Some(endpoint.clone()),
-        _ => None,
-    };
-    let status = TcpTunnelStatus {
-        remote_port: provisioned.port.map(i32::from),
-        endpoint,
-        token_secret: provisioned.token_secret.clone(),
-        observed_generation: generation,
-        conditions: vec![condition.clone()],
-    };
-    if tunnel.status.as_ref() == Some(&status) {
+async fn remove_legacy_finalizer(tunnel: &TcpTunnel, ctx: &Context) -> Result<()> {
+    let Some(index) = tunnel
+        .finalizers()
+        .iter()
+        .position(|finalizer| finalizer == LEGACY_FINALIZER)
+    else {
         return Ok(());
+    };
+    let path = format!("/metadata/finalizers/{index}");
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "test", "path": path, "value": LEGACY_FINALIZER},
+        {"op": "remove", "path": path},
+    ]))
+    .expect("a well-formed JSON patch");
+    let api: Api<TcpTunnel> =
+        Api::namespaced(ctx.client.clone(), &tunnel.namespace().unwrap_or_default());
+    match api
+        .patch(
+            &tunnel.name_any(),
+            &PatchParams::default(),
+            &Patch::<()>::Json(patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::info!("removed the finalizer of an earlier operator version");
+            Ok(())
+        }
+        Err(error) if api_code(&error) == Some(404) => Ok(()),
+        Err(error) => Err(at(Stage::Finalizer)(error)),
     }
-    apply_status(tunnel, ctx, &status).await?;
-    let changed = previous_condition.is_none_or(|previous| {
-        (&previous.reason, &previous.message) != (&condition.reason, &condition.message)
-    });
-    if changed {
-        let kind = if provisioned.outcome.is_ready() {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        };
-        tracing::info!(tunnel = %tunnel.key(), reason = %condition.reason, "{}", condition.message);
-        publish_event(ctx, tunnel, kind, &condition.reason, condition.message).await;
-    }
-    Ok(())
 }
 
 /// Server-side apply of the whole status: fields this manager no longer sets (a port
 /// given up, an endpoint not yet known) disappear.
-async fn apply_status(tunnel: &TcpTunnel, ctx: &Context, status: &TcpTunnelStatus) -> Result<()> {
+async fn apply_status(
+    tunnel: &TcpTunnel,
+    ctx: &Context,
+    status: &TcpTunnelStatus,
+) -> Result<(), kube::Error> {
     let api: Api<TcpTunnel> =
         Api::namespaced(ctx.client.clone(), &tunnel.namespace().unwrap_or_default());
     let patch = serde_json::json!({"apiVersion": API_VERSION, "kind": KIND, "status": status});
-    api.patch_status(
-        &tunnel.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(patch),
-    )
-    .await?;
-    Ok(())
-}
-
-async fn cleanup(tunnel: &TcpTunnel, ctx: &Context) -> Result<Action> {
-    if sync_relay_service(ctx).await?.is_none() {
-        tracing::warn!(tunnel = %tunnel.key(), "relay Service not found; no port to remove from it");
-    }
-    let secrets: Api<Secret> =
-        Api::namespaced(ctx.client.clone(), &tunnel.namespace().unwrap_or_default());
-    match secrets
-        .delete(
-            &resources::token_secret_name(&tunnel.name_any()),
-            &DeleteParams::default(),
+    match api
+        .patch_status(
+            &tunnel.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(patch),
         )
         .await
     {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 404 => {}
-        Err(error) => return Err(error.into()),
+        Err(error) if api_code(&error) == Some(404) => Ok(()),
+        other => other.map(drop),
     }
-    roll_deployments(tunnel, ctx, None).await?;
-    let note = match tunnel.assigned_port() {
-        Some(port) => format!("port {port} released and token Secret deleted"),
-        None => "token Secret deleted".to_owned(),
-    };
-    tracing::info!(tunnel = %tunnel.key(), "{note}");
-    publish_event(ctx, tunnel, EventType::Normal, "Released", note).await;
-    Ok(Action::await_change())
 }
 
 /// Events are for humans: failing to record one never fails a reconcile.
-async fn publish_event(
+pub(crate) async fn publish(
     ctx: &Context,
-    tunnel: &TcpTunnel,
-    type_: EventType,
-    reason: &str,
-    note: String,
+    regarding: &k8s_openapi::api::core::v1::ObjectReference,
+    note: Note,
+    related: Option<k8s_openapi::api::core::v1::ObjectReference>,
 ) {
+    let mut message = note.message;
+    if message.len() > 1000 {
+        let mut cut = 1000;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
     let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
+        type_: if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: note.reason,
+        note: Some(message),
         action: "Reconcile".into(),
-        secondary: None,
+        secondary: related,
     };
-    if let Err(error) = ctx.recorder.publish(&event, &tunnel.object_ref(&())).await {
-        tracing::warn!(tunnel = %tunnel.key(), %error, "cannot record an event");
+    if let Err(error) = ctx.recorder.publish(&event, regarding).await {
+        tracing::warn!(%error, "cannot record an event");
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs())
+/// The tunnels whose selector matches a pod (by its labels) or whose sidecar it carries.
+fn tunnels_for_pod(
+    store: &Store<TcpTunnel>,
+    pod: &PartialObjectMeta<Pod>,
+) -> Vec<ObjectRef<TcpTunnel>> {
+    let namespace = pod.metadata.namespace.as_deref();
+    let carried = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(TUNNEL_LABEL));
+    store
+        .state()
+        .iter()
+        .filter(|tunnel| tunnel.metadata.namespace.as_deref() == namespace)
+        .filter(|tunnel| {
+            carried == Some(&name_fragment(&tunnel.name_any()))
+                || guard::tunnel_selector(tunnel)
+                    .is_ok_and(|selector| guard::selects(&selector, pod.metadata.labels.as_ref()))
+        })
+        .map(|tunnel| ObjectRef::from_obj(tunnel.as_ref()))
+        .collect()
 }
+
+/// Every tunnel: for changes that concern them all.
+fn everyone<K>(store: Store<TcpTunnel>) -> impl Fn(K) -> Vec<ObjectRef<TcpTunnel>> {
+    move |_| {
+        store
+            .state()
+            .iter()
+            .map(|tunnel| ObjectRef::from_obj(tunnel.as_ref()))
+            .collect()
+    }
+}
+
+/// Runs the controller and the sweep until the future is dropped (leadership lost).
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let config = &ctx.config;
+    let (reader, writer) = reflector::store();
+    let deletions = ctx.sweep.clone();
+    let tunnel_events = reflector::reflector(
+        writer,
+        watcher(Api::<TcpTunnel>::all(client.clone()), Default::default()),
+    )
+    .default_backoff()
+    .inspect(move |event| {
+        if let Ok(watcher::Event::Delete(_)) = event {
+            deletions.notify_one();
+        }
+    })
+    .touched_objects();
+    let pods = watcher(
+        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        Default::default(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let pod_store = reader.clone();
+    let named = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let controller = Controller::for_stream(tunnel_events, reader.clone())
+        .with_config(runtime_controller::Config::default().debounce(Duration::from_millis(500)))
+        .watches_stream(pods, move |pod| tunnels_for_pod(&pod_store, &pod))
+        // The relay Service getting (or changing) its load-balancer address changes every
+        // tunnel's endpoint; a rotated relay secret or certificate changes every token.
+        .watches(
+            Api::<Service>::namespaced(client.clone(), &config.relay_namespace),
+            named(&config.relay_service),
+            everyone(reader.clone()),
+        )
+        .watches(
+            Api::<Secret>::namespaced(client.clone(), &config.relay_namespace),
+            named(&config.relay_jwt_secret),
+            everyone(reader.clone()),
+        )
+        .watches(
+            Api::<Secret>::namespaced(client.clone(), &config.relay_namespace),
+            named(&config.relay_tls_secret),
+            everyone(reader.clone()),
+        )
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let sweeper = async {
+        loop {
+            if let Err(error) = repair::sweep(&ctx).await {
+                tracing::warn!(%error, "sweep failed; retrying");
+            }
+            tokio::select! {
+                _ = ctx.sweep.notified() => {
+                    // Let a burst of deletions settle into one sweep.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                _ = tokio::time::sleep(repair::SWEEP_INTERVAL) => {}
+            }
+        }
+    };
+    tokio::join!(controller, sweeper);
+}
+
+#[cfg(test)]
+mod tests;

@@ -17,6 +17,8 @@ pub struct Metrics {
     admissions: Family<ResultLabel, Counter>,
     pub assigned_ports: Gauge,
     pub leader: Gauge,
+    pub rolls: Counter,
+    pub tokens_written: Counter,
 }
 
 impl Default for Metrics {
@@ -46,12 +48,26 @@ impl Default for Metrics {
             "1 while this replica holds the Lease and assigns ports",
             leader.clone(),
         );
+        let rolls = Counter::default();
+        registry.register(
+            "rolls",
+            "Workloads rolled so their pods get or lose the sidecar",
+            rolls.clone(),
+        );
+        let tokens_written = Counter::default();
+        registry.register(
+            "tokens_written",
+            "Token Secrets written (new tunnels, renewals, changed credentials)",
+            tokens_written.clone(),
+        );
         Self {
             registry,
             reconciles,
             admissions,
             assigned_ports,
             leader,
+            rolls,
+            tokens_written,
         }
     }
 }

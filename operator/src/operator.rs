@@ -4,17 +4,17 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::reflector;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
+use localup_runtime::http::{self, Endpoints};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -22,10 +22,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::controller::{self, Context};
 use crate::crd::TcpTunnel;
-use crate::health::{self, Readiness};
+use crate::keys::MANAGER;
 use crate::metrics::Metrics;
-use crate::resources::{MANAGED_BY_LABEL, MANAGER};
-use crate::webhook::{self, Webhook};
+use crate::plan::Rules;
+use crate::sidecar::{self, Mode};
+use crate::webhook::{self, Injector, Webhook};
 use crate::webhook_tls;
 
 /// A Lease not renewed for this long is taken over by another replica; a replica that
@@ -35,6 +36,51 @@ const LEASE_GRACE_SECONDS: u64 = 5;
 /// The webhook registration is re-applied this often, in case a `helm upgrade` or a
 /// person reset its caBundle.
 const REGISTRATION_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Rolls that give pods the sidecar wait this long after the operator started, so the
+/// kubelet has probed this replica ready and its webhook Service has the endpoint.
+const WEBHOOK_SETTLE: Duration = Duration::from_secs(10);
+
+/// What `/readyz` reports: ready once the webhook serves and the TcpTunnel cache is
+/// filled, so the API server is never sent to a replica that would admit pods unchanged.
+pub struct Readiness {
+    pub webhook_serving: Arc<AtomicBool>,
+    pub tunnels_synced: AtomicBool,
+    /// The MutatingWebhookConfiguration points at this operator with its caBundle.
+    pub webhook_registered: Arc<AtomicBool>,
+    started: Instant,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            webhook_serving: Default::default(),
+            tunnels_synced: Default::default(),
+            webhook_registered: Default::default(),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Readiness {
+    /// Whether pods created now pass through this operator's webhook: it serves, is
+    /// registered, and has been up long enough to be reachable through its Service.
+    fn webhook_reachable(&self) -> bool {
+        self.check().is_ok()
+            && self.webhook_registered.load(Ordering::Relaxed)
+            && self.started.elapsed() >= WEBHOOK_SETTLE
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.webhook_serving.load(Ordering::Relaxed)
+            && self.tunnels_synced.load(Ordering::Relaxed)
+        {
+            Ok(())
+        } else {
+            Err("starting: webhook or TcpTunnel cache not ready".into())
+        }
+    }
+}
 
 pub async fn run(
     config: Config,
@@ -49,19 +95,41 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on --metrics-addr {}", config.metrics_addr))?;
     tracing::info!(addr = %config.metrics_addr, "health and metrics endpoint listening");
-    let health = tokio::spawn(health::serve(
-        listener,
-        readiness.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let router = http::router(Endpoints {
+        readiness: {
+            let readiness = readiness.clone();
+            Arc::new(move || readiness.check())
+        },
+        metrics: Some({
+            let metrics = metrics.clone();
+            Arc::new(move || metrics.render())
+        }),
+        extra: Default::default(),
+        token: None,
+    });
+    let health = tokio::spawn(http::serve(listener, router, shutdown.clone()));
 
+    let Some(mode) = sidecar_mode(&client, &config, &shutdown).await else {
+        return Ok(());
+    };
+    tracing::info!(?mode, "sidecar injection mode");
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: Some(identity.clone()),
+        },
+    );
     let tunnels = cache_tunnels(client.clone(), readiness.clone());
     let webhook = Arc::new(Webhook {
         tunnels,
-        client_image: config.client_image.clone(),
-        excluded_namespaces: vec![config.namespace.clone(), "kube-system".into()],
+        injector: Injector {
+            settings: sidecar::Settings::from_config(&config, mode),
+            excluded_namespaces: vec![config.namespace.clone(), "kube-system".into()],
+            require_consent: config.require_pod_consent,
+        },
         metrics: metrics.clone(),
+        recorder: recorder.clone(),
     });
     let webhook_task = tokio::spawn(run_webhook(
         client.clone(),
@@ -71,25 +139,38 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance: Some(identity.clone()),
-            },
-        ),
-        config,
+    let reachable = readiness.clone();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        config.clone(),
+        Rules::from_config(&config, mode),
         metrics,
-        allocation: Default::default(),
-        failures: Default::default(),
-    });
+        recorder,
+        Arc::new(move || reachable.webhook_reachable()),
+    ));
     let led = lead(ctx, identity, shutdown.clone()).await;
     shutdown.cancel();
     let _ = webhook_task.await;
     let _ = health.await;
     led
+}
+
+/// `--sidecar-mode`, with `auto` decided once from the API server's `/version`.
+async fn sidecar_mode(
+    client: &Client,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Option<Mode> {
+    if config.sidecar_mode != crate::config::SidecarModeFlag::Auto {
+        return Some(Mode::resolve(config.sidecar_mode, None));
+    }
+    let info = retry("read the API server's version", shutdown, || {
+        client.apiserver_version()
+    })
+    .await?;
+    let version = sidecar::parse_version(&info.major, &info.minor);
+    tracing::info!(major = %info.major, minor = %info.minor, "API server version");
+    Some(Mode::resolve(config.sidecar_mode, version))
 }
 
 /// The webhook's view of all TcpTunnels, kept current by a watch on every replica.
@@ -138,6 +219,7 @@ async fn run_webhook(
             shutdown.clone(),
             certificate.cert_pem.clone(),
         );
+        let registered = readiness.webhook_registered.clone();
         async move {
             loop {
                 if retry("register the webhook", &shutdown, || {
@@ -148,6 +230,7 @@ async fn run_webhook(
                 {
                     return;
                 }
+                registered.store(true, Ordering::Relaxed);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(REGISTRATION_INTERVAL) => {}
@@ -160,7 +243,7 @@ async fn run_webhook(
         config.webhook_addr,
         &certificate,
         webhook,
-        readiness,
+        readiness.webhook_serving.clone(),
         shutdown,
     )
     .await
@@ -203,7 +286,7 @@ async fn lead(
                 lost?;
                 tracing::warn!(%identity, "lost the Lease: no longer reconciling");
             }
-            () = run_controller(ctx.clone()) => {}
+            () = controller::run(ctx.clone()) => {}
         }
         ctx.metrics.leader.set(0);
         if shutdown.is_cancelled() {
@@ -226,34 +309,6 @@ async fn wait_for(leader: &mut watch::Receiver<bool>, state: bool) -> anyhow::Re
         .await
         .map(drop)
         .context("the leader election stopped")
-}
-
-async fn run_controller(ctx: Arc<Context>) {
-    let client = ctx.client.clone();
-    let config = &ctx.config;
-    let controller = Controller::new(Api::<TcpTunnel>::all(client.clone()), Default::default());
-    let tunnels = controller.store();
-    let relay_service =
-        watcher::Config::default().fields(&format!("metadata.name={}", config.relay_service));
-    let token_secrets = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
-    controller
-        .owns(Api::<Secret>::all(client.clone()), token_secrets)
-        // The relay Service getting (or changing) its load-balancer address changes every
-        // tunnel's endpoint.
-        .watches(
-            Api::<Service>::namespaced(client, &config.relay_namespace),
-            relay_service,
-            move |_| {
-                tunnels
-                    .state()
-                    .iter()
-                    .map(|tunnel| ObjectRef::from_obj(tunnel.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .run(controller::reconcile, controller::error_policy, ctx.clone())
-        .for_each(|_| async {})
-        .await;
 }
 
 /// Retries `attempt` with backoff (1 s doubling to 30 s) until it succeeds or shutdown;

@@ -1,11 +1,12 @@
-//! The mutating admission webhook: gives each new pod that a Ready TcpTunnel selects the
-//! `localup-client` sidecar. It decides from the operator's TcpTunnel cache alone (no API
-//! calls on the admission path), and every failure admits the pod unchanged: a broken
-//! operator must never block pod creation.
+//! The mutating admission webhook: gives each new pod that a provisioned TcpTunnel
+//! selects the `localup-client` sidecar. It decides from the operator's TcpTunnel cache
+//! alone (no API reads on the admission path), and every failure admits the pod
+//! unchanged: a broken operator must never block pod creation. Pods it leaves without a
+//! sidecar that should have one are rolled later by the controller.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -13,26 +14,31 @@ use axum::routing::post;
 use axum::{Json, Router};
 use axum_server::Handle;
 use axum_server::tls_rustls::RustlsConfig;
-use k8s_openapi::api::core::v1::Pod;
-use kube::ResourceExt;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
-use serde_json::json;
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::crd::TcpTunnel;
-use crate::health::Readiness;
+use crate::guard;
+use crate::keys::{SIDECAR_ANNOTATION, TUNNEL_ANNOTATION, TUNNEL_LABEL, name_fragment};
 use crate::metrics::Metrics;
-use crate::resources::{self, INJECTED_ANNOTATION, SIDECAR_NAME, WEBHOOK_PATH};
-use crate::webhook_tls::ServingCertificate;
+use crate::sidecar::{self, Mode, Target};
+use crate::webhook_tls::{ServingCertificate, WEBHOOK_PATH};
+use crate::workloads;
 
-pub struct Webhook {
-    pub tunnels: Store<TcpTunnel>,
-    pub client_image: String,
+/// How sidecars are injected: the same for every pod.
+#[derive(Debug, Clone)]
+pub struct Injector {
+    pub settings: sidecar::Settings,
     /// Namespaces whose pods are never touched: the operator's own and kube-system.
     pub excluded_namespaces: Vec<String>,
-    pub metrics: Arc<Metrics>,
+    /// Inject only pods annotated `localup.dev/inject: "true"`.
+    pub require_consent: bool,
 }
 
 #[derive(Debug)]
@@ -42,87 +48,135 @@ pub enum Decision {
         patch: json_patch::Patch,
     },
     Skip(&'static str),
+    /// A Job's pod without native sidecars: a plain sidecar container would keep it
+    /// from ever completing, so it is admitted unchanged and the tunnel's Events say so.
+    LeaveJobAlone {
+        tunnel: ObjectReference,
+    },
+}
+
+/// `/` in a JSON pointer segment is written `~1`.
+fn pointer(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// Operations adding `entries` to the map at `path` (which may not exist yet).
+fn add_to_map(path: &str, exists: bool, entries: &[(&str, String)]) -> Vec<Value> {
+    if !exists {
+        let map: serde_json::Map<String, Value> = entries
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), Value::from(value.clone())))
+            .collect();
+        return vec![json!({"op": "add", "path": path, "value": map})];
+    }
+    entries
+        .iter()
+        .map(|(key, value)| json!({"op": "add", "path": format!("{path}/{}", pointer(key)), "value": value}))
+        .collect()
 }
 
 /// What to do with `pod`, created in `namespace`, given the known tunnels. When several
-/// tunnels select the pod, the oldest one wins: a pod runs one sidecar.
+/// tunnels select the pod, the oldest one wins; it is injected only once it can serve
+/// (Provisioned: port, token Secret and relay Service in place).
 pub fn decide(
     pod: &Pod,
     namespace: &str,
     tunnels: &[Arc<TcpTunnel>],
-    client_image: &str,
-    excluded_namespaces: &[String],
+    injector: &Injector,
 ) -> Decision {
-    if excluded_namespaces
+    if injector
+        .excluded_namespaces
         .iter()
         .any(|excluded| excluded == namespace)
     {
         return Decision::Skip("namespace excluded");
     }
-    let spec = pod.spec.clone().unwrap_or_default();
-    let has_sidecar = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten())
-        .any(|container| container.name == SIDECAR_NAME);
-    if has_sidecar {
+    if sidecar::find(pod).is_some() {
         return Decision::Skip("already has a localup-client container");
     }
-    let selecting = tunnels
-        .iter()
-        .filter(|tunnel| tunnel.namespace().as_deref() == Some(namespace))
-        .filter(|tunnel| tunnel.metadata.deletion_timestamp.is_none())
-        .filter(|tunnel| {
-            resources::tunnel_selector(tunnel)
-                .is_ok_and(|selector| resources::selects(&selector, pod.metadata.labels.as_ref()))
-        })
-        .filter_map(|tunnel| Some((tunnel, tunnel.assigned_port()?)))
-        .min_by_key(|(tunnel, _)| {
-            (
-                tunnel.metadata.creation_timestamp.clone(),
-                tunnel.name_any(),
-            )
-        });
-    let Some((tunnel, remote_port)) = selecting else {
-        return Decision::Skip("no TcpTunnel with an assigned port selects it");
+    let Some(tunnel) = guard::winner(namespace, pod, tunnels.iter().map(AsRef::as_ref)) else {
+        return Decision::Skip("no TcpTunnel selects it");
     };
-    // The operator writes the token Secret before it rolls pods onto the sidecar; the
-    // name is derived rather than read from the status so this cache may lag behind.
-    let secret = resources::token_secret_name(&tunnel.name_any());
-    let container =
-        resources::sidecar_container(client_image, &secret, tunnel.spec.port, remote_port);
-    let volume = resources::sidecar_volume(&secret);
-    let mut operations =
-        vec![json!({"op": "add", "path": "/spec/containers/-", "value": container})];
+    if injector.require_consent && !workloads::has_consent(pod) {
+        return Decision::Skip("no localup.dev/inject: \"true\" annotation");
+    }
+    let status = tunnel.status.clone().unwrap_or_default();
+    let (Some(remote_port), Some(secret), Some(relay)) = (
+        tunnel.assigned_port(),
+        status.token_secret.as_deref(),
+        status.relay_address.as_deref(),
+    ) else {
+        return Decision::Skip("its TcpTunnel is not provisioned yet");
+    };
+    if !tunnel.is_provisioned() {
+        return Decision::Skip("its TcpTunnel is not provisioned yet");
+    }
+    let settings = &injector.settings;
+    if settings.mode == Mode::Container && workloads::is_job_pod(pod) {
+        return Decision::LeaveJobAlone {
+            tunnel: tunnel.object_ref(&()),
+        };
+    }
+    let target = Target {
+        secret_name: secret,
+        local_port: tunnel.spec.port,
+        remote_port,
+        relay_address: relay,
+    };
+    let Some(health_port) = sidecar::health_port(pod, settings.health_port, tunnel.spec.port)
+    else {
+        return Decision::Skip("no free port for the sidecar's health endpoint");
+    };
+    let container = sidecar::container(settings, target, health_port);
+    let spec = pod.spec.clone().unwrap_or_default();
+    let mut operations = vec![match settings.mode {
+        Mode::Native => match spec.init_containers.as_deref() {
+            Some([_, ..]) => {
+                json!({"op": "add", "path": "/spec/initContainers/0", "value": container})
+            }
+            _ => json!({"op": "add", "path": "/spec/initContainers", "value": [container]}),
+        },
+        Mode::Container => json!({"op": "add", "path": "/spec/containers/-", "value": container}),
+    }];
+    let volume = sidecar::volume(secret);
     operations.push(match spec.volumes {
         Some(_) => json!({"op": "add", "path": "/spec/volumes/-", "value": volume}),
         None => json!({"op": "add", "path": "/spec/volumes", "value": [volume]}),
     });
-    // `/` in a JSON pointer segment is written `~1`.
-    operations.push(match pod.metadata.annotations {
-        Some(_) => json!({
-            "op": "add",
-            "path": format!("/metadata/annotations/{}", INJECTED_ANNOTATION.replace('/', "~1")),
-            "value": tunnel.name_any(),
-        }),
-        None => json!({
-            "op": "add",
-            "path": "/metadata/annotations",
-            "value": {INJECTED_ANNOTATION: tunnel.name_any()},
-        }),
-    });
+    let name = tunnel.name_any();
+    operations.extend(add_to_map(
+        "/metadata/annotations",
+        pod.metadata.annotations.is_some(),
+        &[
+            (TUNNEL_ANNOTATION, name.clone()),
+            (SIDECAR_ANNOTATION, target.fingerprint()),
+        ],
+    ));
+    operations.extend(add_to_map(
+        "/metadata/labels",
+        pod.metadata.labels.is_some(),
+        &[(TUNNEL_LABEL, name_fragment(&name))],
+    ));
     let patch = serde_json::from_value(operations.into()).expect("well-formed JSON patch");
     Decision::Inject {
-        tunnel: tunnel.name_any(),
+        tunnel: name,
         patch,
     }
+}
+
+/// The webhook's state.
+pub struct Webhook {
+    pub tunnels: Store<TcpTunnel>,
+    pub injector: Injector,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
 }
 
 pub async fn serve(
     addr: SocketAddr,
     certificate: &ServingCertificate,
     webhook: Arc<Webhook>,
-    readiness: Arc<Readiness>,
+    serving: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let tls = RustlsConfig::from_pem(
@@ -138,11 +192,11 @@ pub async fn serve(
         let handle = handle.clone();
         async move {
             if handle.listening().await.is_some() {
-                readiness.webhook_serving.store(true, Ordering::Relaxed);
+                serving.store(true, Ordering::Relaxed);
                 tracing::info!(%addr, "webhook serving");
             }
             shutdown.cancelled().await;
-            readiness.webhook_serving.store(false, Ordering::Relaxed);
+            serving.store(false, Ordering::Relaxed);
             handle.graceful_shutdown(Some(Duration::from_secs(5)));
         }
     });
@@ -176,17 +230,37 @@ async fn mutate(
         .or(pod.metadata.generate_name.as_deref())
         .unwrap_or_default();
     let tunnels = webhook.tunnels.state();
-    let decision = decide(
-        pod,
-        namespace,
-        &tunnels,
-        &webhook.client_image,
-        &webhook.excluded_namespaces,
-    );
-    let response = match decision {
+    let response = match decide(pod, namespace, &tunnels, &webhook.injector) {
         Decision::Skip(why) => {
             tracing::debug!(namespace, pod = pod_name, why, "pod admitted unchanged");
             webhook.metrics.admitted("skipped");
+            allowed
+        }
+        Decision::LeaveJobAlone { tunnel } => {
+            tracing::info!(
+                namespace,
+                pod = pod_name,
+                "Job pod admitted without the sidecar"
+            );
+            webhook.metrics.admitted("skipped");
+            let recorder = webhook.recorder.clone();
+            let note = format!(
+                "pod {pod_name} of a Job was left without the sidecar: the API server has no \
+                 native sidecars (Kubernetes 1.29+, or the operator's --sidecar-mode \
+                 container), and a sidecar container would keep the Job from completing"
+            );
+            tokio::spawn(async move {
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "JobPodLeftAlone".into(),
+                    note: Some(note),
+                    action: "Inject".into(),
+                    secondary: None,
+                };
+                if let Err(error) = recorder.publish(&event, &tunnel).await {
+                    tracing::warn!(%error, "cannot record an event");
+                }
+            });
             allowed
         }
         Decision::Inject { tunnel, patch } => match allowed.clone().with_patch(patch) {
@@ -209,56 +283,35 @@ async fn mutate(
 mod tests {
     use std::collections::BTreeMap;
 
-    use k8s_openapi::api::core::v1::{Container, PodSpec};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+    use k8s_openapi::api::core::v1::{Container, ContainerPort};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::jiff::Timestamp;
+    use localup_runtime::logging::LogFormat;
 
     use super::*;
-    use crate::crd::{TcpTunnelSpec, TcpTunnelStatus};
+    use crate::fixtures::PodBuilder;
+    use crate::keys::CONSENT_ANNOTATION;
 
     const IMAGE: &str = "ghcr.io/localup-dev/localup-client:0.1.0";
 
-    fn tunnel(name: &str, namespace: &str, created: i64, port: Option<i32>) -> Arc<TcpTunnel> {
-        let mut tunnel = TcpTunnel::new(
-            name,
-            TcpTunnelSpec {
-                selector: LabelSelector {
-                    match_labels: Some(BTreeMap::from([("app".into(), "db".into())])),
-                    ..Default::default()
-                },
-                port: 5432,
-                remote_port: None,
+    fn injector(mode: Mode) -> Injector {
+        Injector {
+            settings: sidecar::Settings {
+                image: IMAGE.into(),
+                pull_policy: "IfNotPresent".into(),
+                uid: 65532,
+                health_port: 9808,
+                resources: Default::default(),
+                log_format: LogFormat::Text,
+                mode,
             },
-        );
-        tunnel.metadata.namespace = Some(namespace.into());
-        tunnel.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
-        tunnel.status = port.map(|port| TcpTunnelStatus {
-            remote_port: Some(port),
-            token_secret: Some(format!("{name}-localup-token")),
-            ..Default::default()
-        });
-        Arc::new(tunnel)
+            excluded_namespaces: vec!["localup-system".into()],
+            require_consent: false,
+        }
     }
 
-    fn pod(labels: &[(&str, &str)], containers: &[&str]) -> Pod {
-        let mut pod = Pod::default();
-        pod.metadata.labels = Some(
-            labels
-                .iter()
-                .map(|(key, value)| (key.to_string(), value.to_string()))
-                .collect(),
-        );
-        pod.spec = Some(PodSpec {
-            containers: containers
-                .iter()
-                .map(|name| Container {
-                    name: name.to_string(),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        });
-        pod
+    fn tunnels(list: Vec<TcpTunnel>) -> Vec<Arc<TcpTunnel>> {
+        list.into_iter().map(Arc::new).collect()
     }
 
     fn apply(decision: Decision, pod: &Pod) -> Pod {
@@ -270,64 +323,197 @@ mod tests {
         serde_json::from_value(value).unwrap()
     }
 
+    fn app_pod() -> Pod {
+        Pod::test("web-1").with_container("postgres")
+    }
+
     #[test]
-    fn a_selected_pod_gets_the_sidecar_volume_and_annotation() {
-        let tunnels = [tunnel("mydb", "dev", 1, Some(16432))];
-        let original = pod(&[("app", "db")], &["postgres"]);
-        let patched = apply(decide(&original, "dev", &tunnels, IMAGE, &[]), &original);
-        let spec = patched.spec.unwrap();
+    fn container_mode_appends_the_sidecar_and_marks_the_pod() {
+        let tunnels = tunnels(vec![TcpTunnel::test().provisioned(16432)]);
+        let original = app_pod();
+        let patched = apply(
+            decide(&original, "dev", &tunnels, &injector(Mode::Container)),
+            &original,
+        );
+        let spec = patched.spec.as_ref().unwrap();
         let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["postgres", "localup-client"]);
+        assert!(spec.init_containers.is_none());
         let sidecar = &spec.containers[1];
         assert_eq!(sidecar.image.as_deref(), Some(IMAGE));
-        assert_eq!(
-            sidecar.args.as_deref().unwrap(),
-            [
-                "--port",
-                "5432",
-                "--protocol",
-                "tcp",
-                "--remote-port",
-                "16432"
-            ]
-        );
-        let volume = &spec.volumes.unwrap()[0];
+        assert_eq!(sidecar.restart_policy, None);
+        let volume = &spec.volumes.as_ref().unwrap()[0];
         assert_eq!(
             volume.secret.as_ref().unwrap().secret_name.as_deref(),
             Some("mydb-localup-token")
         );
+        let annotations = patched.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations[TUNNEL_ANNOTATION], "mydb");
         assert_eq!(
-            patched.metadata.annotations.unwrap()[INJECTED_ANNOTATION],
+            annotations[SIDECAR_ANNOTATION],
+            "remotePort=16432,port=5432,relay=10.0.0.7:4443"
+        );
+        assert_eq!(
+            patched.metadata.labels.as_ref().unwrap()[TUNNEL_LABEL],
             "mydb"
         );
+        assert_eq!(patched.metadata.labels.as_ref().unwrap()["app"], "postgres");
     }
 
     #[test]
-    fn existing_volumes_and_annotations_are_kept() {
-        let tunnels = [tunnel("mydb", "dev", 1, Some(16432))];
-        let mut original = pod(&[("app", "db")], &["postgres"]);
-        original.metadata.annotations = Some(BTreeMap::from([("team".into(), "data".into())]));
-        original.spec.as_mut().unwrap().volumes = Some(vec![Default::default()]);
-        let patched = apply(decide(&original, "dev", &tunnels, IMAGE, &[]), &original);
-        assert_eq!(patched.spec.unwrap().volumes.unwrap().len(), 2);
+    fn native_mode_puts_the_sidecar_first_among_the_init_containers() {
+        let tunnels = tunnels(vec![TcpTunnel::test().provisioned(16432)]);
+        let mut original = app_pod();
+        original.spec.as_mut().unwrap().init_containers = Some(vec![Container {
+            name: "migrate".into(),
+            ..Default::default()
+        }]);
+        let patched = apply(
+            decide(&original, "dev", &tunnels, &injector(Mode::Native)),
+            &original,
+        );
+        let spec = patched.spec.unwrap();
+        let init: Vec<_> = spec
+            .init_containers
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(init, ["localup-client", "migrate"]);
+        assert_eq!(
+            spec.init_containers.as_ref().unwrap()[0]
+                .restart_policy
+                .as_deref(),
+            Some("Always")
+        );
+        let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["postgres"], "the app's containers are untouched");
+
+        // Without init containers, the list is created.
+        let original = app_pod();
+        let patched = apply(
+            decide(&original, "dev", &tunnels, &injector(Mode::Native)),
+            &original,
+        );
+        assert_eq!(patched.spec.unwrap().init_containers.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn job_pods_get_a_native_sidecar_or_are_left_alone_with_an_event() {
+        let tunnels = tunnels(vec![TcpTunnel::test().provisioned(16432)]);
+        let job_pod = app_pod().owned_by("Job", "nightly");
+        match decide(&job_pod, "dev", &tunnels, &injector(Mode::Container)) {
+            Decision::LeaveJobAlone { tunnel } => {
+                assert_eq!(tunnel.name.as_deref(), Some("mydb"));
+                assert_eq!(tunnel.kind.as_deref(), Some("TcpTunnel"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let patched = apply(
+            decide(&job_pod, "dev", &tunnels, &injector(Mode::Native)),
+            &job_pod,
+        );
+        assert!(sidecar::find(&patched).is_some());
+    }
+
+    #[test]
+    fn nothing_is_injected_until_the_tunnel_can_serve() {
+        let mut waiting = TcpTunnel::test().provisioned(16432);
+        // Port recorded, but the token Secret is not written yet.
+        let status = waiting.status.as_mut().unwrap();
+        status.token_secret = None;
+        let original = app_pod();
+        assert!(matches!(
+            decide(
+                &original,
+                "dev",
+                &tunnels(vec![waiting]),
+                &injector(Mode::Native)
+            ),
+            Decision::Skip(_)
+        ));
+        // Provisioned=False (refused, or not yet done).
+        let mut refused = TcpTunnel::test().provisioned(16432);
+        refused.status.as_mut().unwrap().conditions[0].status = "False".into();
+        assert!(matches!(
+            decide(
+                &original,
+                "dev",
+                &tunnels(vec![refused]),
+                &injector(Mode::Native)
+            ),
+            Decision::Skip(_)
+        ));
+        assert!(matches!(
+            decide(
+                &original,
+                "dev",
+                &tunnels(vec![TcpTunnel::test()]),
+                &injector(Mode::Native)
+            ),
+            Decision::Skip(_)
+        ));
+    }
+
+    #[test]
+    fn consent_is_required_when_the_operator_says_so() {
+        let tunnels = tunnels(vec![TcpTunnel::test().provisioned(16432)]);
+        let consenting = Injector {
+            require_consent: true,
+            ..injector(Mode::Native)
+        };
+        let plain = app_pod();
+        assert!(matches!(
+            decide(&plain, "dev", &tunnels, &consenting),
+            Decision::Skip(_)
+        ));
+        let agreeing = app_pod().annotated(CONSENT_ANNOTATION, "true");
+        let patched = apply(decide(&agreeing, "dev", &tunnels, &consenting), &agreeing);
         let annotations = patched.metadata.annotations.unwrap();
         assert_eq!(
-            (
-                annotations["team"].as_str(),
-                annotations[INJECTED_ANNOTATION].as_str()
-            ),
-            ("data", "mydb")
+            annotations[CONSENT_ANNOTATION], "true",
+            "existing annotations kept"
         );
+        assert_eq!(annotations[TUNNEL_ANNOTATION], "mydb");
+    }
+
+    #[test]
+    fn the_health_port_avoids_the_pods_ports() {
+        let tunnels = tunnels(vec![TcpTunnel::test().provisioned(16432)]);
+        let mut original = app_pod();
+        original.spec.as_mut().unwrap().containers[0].ports = Some(vec![ContainerPort {
+            container_port: 9808,
+            ..Default::default()
+        }]);
+        let patched = apply(
+            decide(&original, "dev", &tunnels, &injector(Mode::Container)),
+            &original,
+        );
+        let sidecar = sidecar::find(&patched).unwrap();
+        let env: BTreeMap<_, _> = sidecar
+            .env
+            .iter()
+            .flatten()
+            .map(|var| (var.name.clone(), var.value.clone().unwrap()))
+            .collect();
+        assert_eq!(env["LOCALUP_HEALTH_ADDR"], "0.0.0.0:9809");
     }
 
     #[test]
     fn the_oldest_selecting_tunnel_wins() {
-        let tunnels = [
-            tunnel("newer", "dev", 20, Some(16001)),
-            tunnel("older", "dev", 10, Some(16002)),
-        ];
-        let original = pod(&[("app", "db")], &["postgres"]);
-        match decide(&original, "dev", &tunnels, IMAGE, &[]) {
+        let at = |second| Some(Time(Timestamp::from_second(second).unwrap()));
+        let mut newer = TcpTunnel::test().named("newer").provisioned(16001);
+        newer.metadata.creation_timestamp = at(20);
+        let mut older = TcpTunnel::test().named("older").provisioned(16002);
+        older.metadata.creation_timestamp = at(10);
+        let original = app_pod();
+        match decide(
+            &original,
+            "dev",
+            &tunnels(vec![newer, older]),
+            &injector(Mode::Native),
+        ) {
             Decision::Inject { tunnel, .. } => assert_eq!(tunnel, "older"),
             other => panic!("expected an injection, got {other:?}"),
         }
@@ -335,41 +521,31 @@ mod tests {
 
     #[test]
     fn pods_the_tunnels_must_not_touch_are_skipped() {
-        let tunnels = [
-            tunnel("mydb", "dev", 1, Some(16432)),
-            tunnel("waiting", "qa", 1, None),
-            tunnel("system", "localup-system", 1, Some(16433)),
-        ];
-        let excluded = ["localup-system".to_owned()];
+        let mut deleting = TcpTunnel::test().named("deleting").provisioned(16434);
+        deleting.metadata.namespace = Some("gone".into());
+        deleting.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(1).unwrap()));
+        let mut system = TcpTunnel::test().named("system").provisioned(16433);
+        system.metadata.namespace = Some("localup-system".into());
+        let tunnels = tunnels(vec![TcpTunnel::test().provisioned(16432), system, deleting]);
         let cases = [
+            (app_pod(), "other", "another namespace"),
             (
-                pod(&[("app", "db")], &["postgres"]),
-                "other",
-                "another namespace",
-            ),
-            (
-                pod(&[("app", "web")], &["nginx"]),
+                Pod::test("web")
+                    .labelled("app", "web")
+                    .with_container("nginx"),
                 "dev",
                 "no matching labels",
             ),
             (
-                pod(&[("app", "db")], &["postgres", "localup-client"]),
+                app_pod().with_container("localup-client"),
                 "dev",
                 "already injected",
             ),
-            (
-                pod(&[("app", "db")], &["postgres"]),
-                "qa",
-                "tunnel without a port yet",
-            ),
-            (
-                pod(&[("app", "db")], &["postgres"]),
-                "localup-system",
-                "excluded namespace",
-            ),
+            (app_pod(), "localup-system", "excluded namespace"),
+            (app_pod(), "gone", "tunnel being deleted"),
         ];
         for (pod, namespace, case) in cases {
-            let decision = decide(&pod, namespace, &tunnels, IMAGE, &excluded);
+            let decision = decide(&pod, namespace, &tunnels, &injector(Mode::Native));
             assert!(
                 matches!(decision, Decision::Skip(_)),
                 "{case}: {decision:?}"

@@ -7,18 +7,113 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
+    WebhookClientConfig,
+};
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 
 use crate::config::Config;
-use crate::resources::{self, MANAGED_BY_LABEL, MANAGER, WebhookTarget};
+use crate::keys::{INJECTION_LABEL, MANAGED_BY_LABEL, MANAGER};
 
 /// Records which names the stored certificate was made for.
 const NAMES_ANNOTATION: &str = "localup.dev/certificate-names";
-const FIELD_MANAGER: &str = "localup-operator";
+
+pub const WEBHOOK_PATH: &str = "/mutate";
+pub const WEBHOOK_NAME: &str = "inject.localup.dev";
+
+/// How the API server reaches the webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebhookTarget {
+    Service {
+        namespace: String,
+        name: String,
+        port: i32,
+    },
+    Url(String),
+}
+
+pub fn webhook_client_config(target: &WebhookTarget, ca_pem: &str) -> WebhookClientConfig {
+    let ca_bundle = Some(ByteString(ca_pem.as_bytes().to_vec()));
+    match target {
+        WebhookTarget::Service {
+            namespace,
+            name,
+            port,
+        } => WebhookClientConfig {
+            ca_bundle,
+            service: Some(ServiceReference {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                path: Some(WEBHOOK_PATH.into()),
+                port: Some(*port),
+            }),
+            url: None,
+        },
+        WebhookTarget::Url(url) => WebhookClientConfig {
+            ca_bundle,
+            service: None,
+            url: Some(url.clone()),
+        },
+    }
+}
+
+/// The webhook registration: pod CREATE only, failing open within 5 s so a broken or
+/// absent operator never blocks pod creation, and never called for kube-system, the
+/// operator's own namespace or namespaces labelled `localup.dev/injection: disabled`.
+pub fn mutating_webhook_configuration(
+    name: &str,
+    target: &WebhookTarget,
+    ca_pem: &str,
+    operator_namespace: &str,
+) -> MutatingWebhookConfiguration {
+    MutatingWebhookConfiguration {
+        // No managed-by label: when the chart ships this object, Helm owns it only while
+        // its own `app.kubernetes.io/managed-by: Helm` stays.
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        webhooks: Some(vec![MutatingWebhook {
+            name: WEBHOOK_NAME.into(),
+            client_config: webhook_client_config(target, ca_pem),
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(vec![String::new()]),
+                api_versions: Some(vec!["v1".into()]),
+                operations: Some(vec!["CREATE".into()]),
+                resources: Some(vec!["pods".into()]),
+                scope: Some("Namespaced".into()),
+            }]),
+            namespace_selector: Some(LabelSelector {
+                match_expressions: Some(vec![
+                    LabelSelectorRequirement {
+                        key: INJECTION_LABEL.into(),
+                        operator: "NotIn".into(),
+                        values: Some(vec!["disabled".into()]),
+                    },
+                    LabelSelectorRequirement {
+                        key: "kubernetes.io/metadata.name".into(),
+                        operator: "NotIn".into(),
+                        values: Some(vec!["kube-system".into(), operator_namespace.into()]),
+                    },
+                ]),
+                ..Default::default()
+            }),
+            failure_policy: Some("Ignore".into()),
+            match_policy: Some("Equivalent".into()),
+            reinvocation_policy: Some("Never".into()),
+            side_effects: "None".into(),
+            timeout_seconds: Some(5),
+            admission_review_versions: vec!["v1".into()],
+            ..Default::default()
+        }]),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -193,8 +288,7 @@ pub async fn register(
     };
     let (params, patch) = if api.get_opt(name).await.map_err(wrap)?.is_some() {
         let mut client_config =
-            serde_json::to_value(resources::webhook_client_config(target, ca_pem))
-                .expect("serializable");
+            serde_json::to_value(webhook_client_config(target, ca_pem)).expect("serializable");
         for way in ["url", "service"] {
             client_config
                 .as_object_mut()
@@ -203,18 +297,15 @@ pub async fn register(
                 .or_insert(serde_json::Value::Null);
         }
         let patch = serde_json::json!({
-            "webhooks": [{"name": resources::WEBHOOK_NAME, "clientConfig": client_config}]
+            "webhooks": [{"name": WEBHOOK_NAME, "clientConfig": client_config}]
         });
         (PatchParams::default(), Patch::Strategic(patch))
     } else {
-        let configuration = resources::mutating_webhook_configuration(name, target, ca_pem);
+        let configuration = mutating_webhook_configuration(name, target, ca_pem, &config.namespace);
         let mut object = serde_json::to_value(&configuration).expect("serializable");
         object["apiVersion"] = "admissionregistration.k8s.io/v1".into();
         object["kind"] = "MutatingWebhookConfiguration".into();
-        (
-            PatchParams::apply(FIELD_MANAGER).force(),
-            Patch::Apply(object),
-        )
+        (PatchParams::apply(MANAGER).force(), Patch::Apply(object))
     };
     api.patch(name, &params, &patch).await.map_err(wrap)?;
     Ok(())
@@ -239,6 +330,54 @@ mod tests {
                 "localup-operator-webhook.localup-system.svc",
                 "localup-operator-webhook.localup-system.svc.cluster.local",
             ]
+        );
+    }
+
+    #[test]
+    fn webhook_client_config_points_at_the_service_or_the_url() {
+        let service = webhook_client_config(
+            &WebhookTarget::Service {
+                namespace: "localup-system".into(),
+                name: "localup-operator-webhook".into(),
+                port: 443,
+            },
+            "PEM",
+        );
+        assert_eq!(service.url, None);
+        let reference = service.service.unwrap();
+        assert_eq!(reference.path.as_deref(), Some("/mutate"));
+        assert_eq!(service.ca_bundle, Some(ByteString(b"PEM".to_vec())));
+
+        let url = webhook_client_config(
+            &WebhookTarget::Url("https://127.0.0.1:9443/mutate".into()),
+            "PEM",
+        );
+        assert_eq!(url.url.as_deref(), Some("https://127.0.0.1:9443/mutate"));
+        assert_eq!(url.service, None);
+    }
+
+    #[test]
+    fn webhook_registration_fails_open_on_pod_creation_only() {
+        let target = WebhookTarget::Url("https://127.0.0.1:9443/mutate".into());
+        let configuration =
+            mutating_webhook_configuration("localup-operator", &target, "PEM", "localup-system");
+        let webhook = &configuration.webhooks.as_ref().unwrap()[0];
+        assert_eq!(webhook.name, "inject.localup.dev");
+        assert_eq!(webhook.failure_policy.as_deref(), Some("Ignore"));
+        assert_eq!(webhook.timeout_seconds, Some(5));
+        let rule = &webhook.rules.as_ref().unwrap()[0];
+        assert_eq!(rule.operations.as_deref(), Some(&["CREATE".to_owned()][..]));
+        assert_eq!(rule.resources.as_deref(), Some(&["pods".to_owned()][..]));
+        assert_eq!(webhook.client_config.ca_bundle.as_ref().unwrap().0, b"PEM");
+        let excluded = &webhook
+            .namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_expressions;
+        let excluded = &excluded.as_ref().unwrap()[1];
+        assert_eq!(
+            excluded.values.as_deref().unwrap(),
+            ["kube-system", "localup-system"]
         );
     }
 

@@ -60,3 +60,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "localup-operator.webhookCertSecret" -}}
 {{- include "localup-operator.fullname" . }}-webhook-tls
 {{- end }}
+
+{{/*
+The sidecar's image: the client of the same release as the operator unless set.
+*/}}
+{{- define "localup-operator.clientImage" -}}
+{{- default (printf "ghcr.io/localup-dev/localup-client:%s" .Chart.AppVersion) .Values.sidecar.image }}
+{{- end }}
