@@ -56,7 +56,7 @@ class Namespaces:
         name = self.base + suffix
         self.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
         self.created.append(name)
-        wait_for(lambda: (self.kube.get_opt(self.kube.core(name, "serviceaccounts", "default")) or {}).get("secrets"),
+        wait_for(lambda: self.kube.get_opt(self.kube.core(name, "serviceaccounts", "default")),
                  timeout=30, what=f"ServiceAccount {name}/default")
         return name
 

@@ -402,7 +402,9 @@ pub fn echo_round_trip(port: u16, data: &[u8]) -> Vec<u8> {
 }
 
 pub fn random_bytes(len: usize) -> Vec<u8> {
-    (0..len).map(|_| rand::random::<u8>()).collect()
+    let mut bytes = vec![0u8; len];
+    rand::Rng::fill(&mut rand::rng(), &mut bytes[..]);
+    bytes
 }
 
 /// Polls `condition` until it holds, failing with `what` after `timeout`.

@@ -1,6 +1,6 @@
 """Fixtures for the Kubernetes end-to-end tests.
 
-The cluster (a real one-node Kubernetes 1.20 from scripts/k8s/cluster.sh) is started
+The cluster (a real one-node Kubernetes 1.37 from scripts/k8s/cluster.sh) is started
 once per run by scripts/k8s/run-tests.sh, which exports its DIR/env (KUBECONFIG,
 NODE_IP, CLUSTER_DIR, ...) before running pytest. Per session, the charts are installed
 with real Helm (relay parked at 0 replicas, operator at 0 replicas: both run here as
@@ -262,12 +262,9 @@ class Namespaces:
         self.created.append(name)
 
         # Pods can be created only once the ServiceAccount admission finds "default"
-        # with its token.
-        def default_sa():
-            sa = self.kube.get_opt(self.kube.core(name, "serviceaccounts", "default"))
-            return sa and sa.get("secrets")
-
-        wait_for(default_sa, timeout=30, what=f"ServiceAccount {name}/default and its token")
+        # (its token is requested per pod: projected volume, no token Secret).
+        wait_for(lambda: self.kube.get_opt(self.kube.core(name, "serviceaccounts", "default")),
+                 timeout=30, what=f"ServiceAccount {name}/default")
         return name
 
     def cleanup(self, operator_running: bool) -> None:

@@ -33,8 +33,9 @@ OPERATOR = "localup-operator"
 PORT_RANGE = (10000, 20000)
 CONTROL_PORT = 4443
 CLIENT_IMAGE = "ghcr.io/localup-dev/localup-client:0.1.0"
-# An image every node of scripts/k8s/cluster.sh has (pods need not run for these tests).
-POD_IMAGE = "localhost/pause:3.4.1"
+# An image every node of scripts/k8s/cluster.sh has (pods need not run for these tests);
+# its DIR/env names it.
+POD_IMAGE = os.environ.get("PAUSE_IMAGE") or "localhost/pause:3.10.2"
 
 GROUP = "localup.dev"
 VERSION = "v1alpha1"
@@ -292,9 +293,14 @@ def jwt_verify(token: str, secret: bytes) -> bool:
 # ---------------------------------------------------------------- kubectl
 
 
+# The cluster's own kubectl (DIR/env KUBECTL: the release of the API server); the
+# machine's kubectl may be several minor versions older.
+KUBECTL = os.environ.get("KUBECTL") or "kubectl"
+
+
 def kubectl(*args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        ["kubectl", *args], input=input, capture_output=True, text=True, timeout=timeout
+        [KUBECTL, *args], input=input, capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -482,16 +488,17 @@ def target_dir() -> Path:
 
 
 def service_account_kubeconfig(kube: Kube, ns: str, sa: str, path: Path) -> Path:
-    """A kubeconfig with the token of ServiceAccount ns/sa (1.20: its token Secret)."""
+    """A kubeconfig with a token of ServiceAccount ns/sa. Since Kubernetes 1.24 no token
+    Secret is created for a ServiceAccount: the token comes from the TokenRequest API
+    (what `kubectl create token` does), valid for a day - longer than any test run."""
     def token():
-        account = kube.get_opt(kube.core(ns, "serviceaccounts", sa)) or {}
-        for ref in account.get("secrets") or []:
-            data = kube.secret_data(ns, ref["name"]) or {}
-            if data.get("token"):
-                return data["token"].decode()
-        return None
+        if kube.get_opt(kube.core(ns, "serviceaccounts", sa)) is None:
+            return None
+        request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                   "spec": {"expirationSeconds": 86400}}
+        return kube.create(kube.core(ns, "serviceaccounts", sa) + "/token", request)["status"]["token"]
 
-    value = wait_for(token, timeout=30, what=f"the token Secret of ServiceAccount {ns}/{sa}")
+    value = wait_for(token, timeout=30, what=f"a token of ServiceAccount {ns}/{sa}")
     config = {
         "apiVersion": "v1",
         "kind": "Config",

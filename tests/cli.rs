@@ -1,0 +1,109 @@
+//! The README's walkthrough commands as real processes on loopback: what the CLI
+//! prints and serves, its memory with many connections open, and releasing a port.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn auto_allocated_port_carries_data() {
+    let relay = Relay::start(10);
+    let (_client, port) = Client::start(&relay, echo_server(), &token("mydb"), &[]);
+    assert!(
+        (relay.range.0..=relay.range.1).contains(&port),
+        "{port} outside {:?}",
+        relay.range
+    );
+    assert_eq!(echo_round_trip(port, b"hello"), b"hello");
+}
+
+#[test]
+fn requested_port_is_granted_and_listed() {
+    let relay = Relay::start(10);
+    let wanted = relay.range.0 + 7;
+    let (_client, port) = Client::start(
+        &relay,
+        echo_server(),
+        &token("mydb"),
+        &["--remote-port", &wanted.to_string()],
+    );
+    assert_eq!(port, wanted);
+    assert_eq!(echo_round_trip(port, b"ping"), b"ping");
+
+    let (status, body) = relay.admin_get("/api/tunnels");
+    assert_eq!(status, 200);
+    let tunnels: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(tunnels[0]["subject"], "mydb");
+    assert_eq!(tunnels[0]["port"], wanted);
+    assert_eq!(relay.admin_get("/healthz").0, 200);
+    assert_eq!(relay.admin_get("/readyz").0, 200);
+    assert_eq!(relay.metric("localup_tunnels_active"), 1.0);
+}
+
+#[test]
+fn a_thousand_concurrent_connections_are_all_served() {
+    let relay = Relay::start(10);
+    let (client, port) = Client::start(&relay, echo_server(), &token("many"), &[]);
+    let streams: Vec<_> = (0..1000).map(|_| connect(port)).collect();
+    for (i, mut stream) in streams.iter().enumerate() {
+        stream.write_all(format!("{i:06}").as_bytes()).unwrap();
+    }
+    for (i, mut stream) in streams.iter().enumerate() {
+        let mut reply = [0u8; 6];
+        stream.read_exact(&mut reply).unwrap();
+        assert_eq!(reply, format!("{i:06}").as_bytes());
+    }
+    assert_eq!(relay.metric("localup_connections_active"), 1000.0);
+    drop(streams);
+    eventually("connections to close", Duration::from_secs(10), || {
+        relay.metric("localup_connections_active") == 0.0
+    });
+    // Idle connections must cost little: both processes stay small.
+    let rss_mib = (relay.process.rss_kib() + client.process.rss_kib()) / 1024;
+    assert!(rss_mib < 128, "relay + client peak RSS {rss_mib} MiB");
+}
+
+/// FIN travels each way on its own: a client that stops sending still gets the reply.
+
+#[test]
+fn closing_the_tunnel_releases_the_port_at_once_for_reuse() {
+    // Without a reservation period, so that another subject may take the port at once.
+    let relay = Relay::start_with(RelayOptions {
+        extra: vec![
+            "--port-reservation".into(),
+            "0s".into(),
+            "--log".into(),
+            "info,localup_relay::allocator=debug".into(),
+        ],
+        ..RelayOptions::range(free_port_range(10))
+    });
+    let wanted = relay.range.0 + 3;
+    let echo = echo_server();
+    let args = ["--remote-port".to_owned(), wanted.to_string()];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut first, _) = Client::start(&relay, echo, &token("a"), &args);
+    assert!(port_accepts(wanted));
+
+    first.process.signal("TERM");
+    let status = first.process.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "SIGTERM should exit cleanly: {status:?}");
+    relay
+        .process
+        .output
+        .wait_for("port released", Duration::from_secs(5));
+    assert!(
+        !port_accepts(wanted),
+        "port still open after the tunnel closed"
+    );
+
+    let (_second, port) = Client::start(&relay, echo, &token("b"), &args);
+    assert_eq!(port, wanted);
+    assert!(
+        !relay.process.output.text().contains("port busy, retrying"),
+        "reuse needed a bind retry"
+    );
+    assert_eq!(echo_round_trip(port, b"again"), b"again");
+}
