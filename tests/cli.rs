@@ -107,3 +107,24 @@ fn closing_the_tunnel_releases_the_port_at_once_for_reuse() {
     );
     assert_eq!(echo_round_trip(port, b"again"), b"again");
 }
+
+/// A panic in one connection's task must not take every tunnel down: tasks unwind and
+/// the runtime reports the panic to that task's owner, which only works while no build
+/// profile turns panics into aborts.
+#[test]
+fn no_build_profile_aborts_the_process_on_a_panic() {
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    let mut profile = None;
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            profile = line.strip_prefix("[profile.").map(str::to_owned);
+        } else if let Some(profile) = &profile {
+            let setting: String = line.chars().filter(|c| !c.is_whitespace()).collect();
+            assert_ne!(
+                setting, "panic=\"abort\"",
+                "[profile.{profile} sets panic = \"abort\""
+            );
+        }
+    }
+}
