@@ -215,6 +215,13 @@ impl Client {
             let reason = match ended {
                 Ended::Stopped => break Ok(()),
                 Ended::Lost(reason) => reason,
+                // Another client of this subject has the port now: fighting it for the
+                // port would only take it away again.
+                Ended::Closed(ClosingReason::Replaced, message) => {
+                    break Err(ClientError::Refused(format!(
+                        "{message}; this client stops (run only one client per token, or mint a pooling token with --pool)"
+                    )));
+                }
                 Ended::Closed(reason, message) => {
                     warn!(?reason, %message, "the relay ended the tunnel");
                     message
