@@ -28,6 +28,9 @@ scripts/fault-tests.sh
 step "hostile peers (tests/hostile: aioquic garbage, slowloris, handshake floods)"
 tests/hostile/run.sh
 
+step "the one-node Kubernetes: built from its Go modules once, then cached"
+scripts/k8s/cluster.sh build
+
 for suite in scripts/test-images.sh scripts/k8s/run-tests.sh; do
   if [ -x "$suite" ]; then
     step "$suite"

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -17,6 +17,7 @@ use localup_relay::{Relay, RelayConfig};
 use localup_runtime::http::{self, Endpoints};
 use localup_runtime::logging::{self, LogFormat};
 use localup_runtime::signals::shutdown_on_signal;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -194,28 +195,34 @@ fn main() -> ExitCode {
 }
 
 async fn run_client(args: ClientArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let health = match args.health_addr {
-        Some(addr) => Some(bind_health(addr).await?),
-        None => None,
-    };
-    let client = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        client = Client::new(args.config()) => client?,
-    };
-    let mut status = client.status();
-    if let Some(listener) = health {
-        let probed = status.clone();
+    // The health endpoint answers from the start: alive, and not ready until the first
+    // tunnel is up, so a liveness probe never restarts a client still reaching its relay.
+    let tunnel_status: Arc<OnceLock<watch::Receiver<Status>>> = Arc::default();
+    if let Some(addr) = args.health_addr {
+        let listener = bind_health(addr).await?;
+        let probed = Arc::clone(&tunnel_status);
         let router = http::router(Endpoints {
-            readiness: Arc::new(move || match &*probed.borrow() {
-                Status::Up { .. } => Ok(()),
-                Status::Reconnecting { reason, .. } => Err(format!("reconnecting: {reason}")),
-            }),
+            readiness: Arc::new(
+                move || match probed.get().map(|status| status.borrow().clone()) {
+                    Some(Status::Up { .. }) => Ok(()),
+                    Some(Status::Reconnecting { reason, .. }) => {
+                        Err(format!("reconnecting: {reason}"))
+                    }
+                    None => Err("connecting to the relay".to_owned()),
+                },
+            ),
             metrics: None,
             extra: Default::default(),
             token: None,
         });
         tokio::spawn(http::serve(listener, router, shutdown.clone()));
     }
+    let client = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        client = Client::new(args.config()) => client?,
+    };
+    let mut status = client.status();
+    let _ = tunnel_status.set(status.clone());
     // The reference's success line, again after every reconnect.
     tokio::spawn(async move {
         loop {

@@ -128,3 +128,28 @@ fn no_build_profile_aborts_the_process_on_a_panic() {
         }
     }
 }
+
+#[test]
+fn the_health_endpoint_answers_while_the_relay_is_still_unreachable() {
+    let health = free_tcp_port();
+    let unreachable = format!("127.0.0.1:{}", free_udp_port());
+    let mut process = Client::spawn(
+        &unreachable,
+        echo_server(),
+        &token("waiting"),
+        &[
+            "--health-addr",
+            &format!("127.0.0.1:{health}"),
+            "--connect-timeout",
+            "0",
+        ],
+        &scratch_dir("client"),
+    );
+    eventually("the health endpoint to listen", STARTUP, || {
+        port_accepts(health)
+    });
+    assert_eq!(http_get(health, "/healthz").0, 200, "alive");
+    let (status, body) = http_get(health, "/readyz");
+    assert_eq!(status, 503, "not ready before a tunnel: {body}");
+    assert!(process.is_running());
+}

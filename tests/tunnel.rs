@@ -143,3 +143,37 @@ async fn the_tcp_transport_carries_the_same_tunnels() {
     let (_, listing) = relay.admin_get("/api/tunnels", None).await;
     assert!(listing.contains("\"transport\":\"tcp\""), "{listing}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_relay_carries_open_connections_to_their_end() {
+    let (relay, client) = tunnel_to(echo_server().await).await;
+    let port = client.port;
+    let mut open = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    open.write_all(b"before").await.unwrap();
+    let mut echoed = [0; 6];
+    open.read_exact(&mut echoed).await.unwrap();
+
+    let stopping = tokio::spawn(relay.stop());
+    eventually(
+        "the stopping relay to close the public port",
+        Duration::from_secs(5),
+        || async { TcpStream::connect(("127.0.0.1", port)).await.is_err() },
+    )
+    .await;
+    // The client reconnects elsewhere, yet this connection stays on the old relay
+    // connection until it ends.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    open.write_all(b"during the drain").await.unwrap();
+    open.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"during the drain");
+    assert!(
+        !stopping.is_finished(),
+        "the relay waited for the connection"
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the relay exits once its last connection ends")
+        .unwrap();
+}

@@ -430,8 +430,16 @@ async fn serve_tunnel(
             drain(tunnel, streams, config.shutdown_timeout).await;
             Ended::Stopped
         }
+        // A relay that is going away keeps carrying open connections for its drain
+        // time: they finish on the old connection while the client reconnects.
         other => {
-            tunnel.connection.close(0, "reconnecting");
+            let connection = tunnel.connection.clone();
+            let limit = config.shutdown_timeout;
+            streams.close();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(limit, streams.wait()).await;
+                connection.close(0, "reconnecting");
+            });
             other
         }
     }

@@ -29,7 +29,7 @@ if [ ! -x "$BIN" ]; then
   mkdir -p "$OUT"
   echo "helm.sh: building helm $V (log: $OUT/build-helm-$V.log)" >&2
   (cd "$MOD" && GOFLAGS="-buildvcs=false -modcacherw" GOTOOLCHAIN=${GOTOOLCHAIN:-auto} GOTELEMETRY=off \
-     go build -trimpath -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$V" \
+     go build -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$V" \
      -o "$BIN.tmp" helm.sh/helm/v4/cmd/helm) >"$OUT/build-helm-$V.log" 2>&1 \
     || { tail -20 "$OUT/build-helm-$V.log" >&2; die "building helm $V failed"; }
   mv "$BIN.tmp" "$BIN"

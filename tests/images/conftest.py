@@ -16,6 +16,8 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -212,9 +214,9 @@ def run_container(request):
         podman("rm", "-f", "--time", "0", container.name, check=False)
 
 
-def run_once(image, *args, env=None, volumes=(), timeout=60):
+def run_once(image, *args, env=None, volumes=(), timeout=60, extra=()):
     """Runs a container to completion: (exit code, stdout, stderr, seconds)."""
-    command = [*PODMAN, "run", "--rm", *RUN_FLAGS]
+    command = [*PODMAN, "run", "--rm", *RUN_FLAGS, *extra]
     for key, value in (env or {}).items():
         command += ["-e", f"{key}={value}"]
     for volume in volumes:
@@ -266,7 +268,7 @@ class Relay:
 
 
 def start_relay(run_container, tmp_path, *args, tls=True, env=None, ports=8, control=None,
-                secret=None):
+                secret=None, volumes=(), extra=()):
     """The relay image configured through the environment, as the chart does. Returns
     once it is listening. With tls, its certificate is tmp_path/tls.crt (made when
     missing), which clients get as their CA."""
@@ -282,7 +284,7 @@ def start_relay(run_container, tmp_path, *args, tls=True, env=None, ports=8, con
         "LOCALUP_SHUTDOWN_TIMEOUT": "10s",
         **TEST_LOG,
     }
-    volumes = []
+    volumes = list(volumes)
     ca = None
     if tls:
         ca, key = tmp_path / "tls.crt", tmp_path / "tls.key"
@@ -290,32 +292,34 @@ def start_relay(run_container, tmp_path, *args, tls=True, env=None, ports=8, con
             self_signed_cert(tmp_path)
         settings["LOCALUP_TLS_CERT"] = "/etc/localup/tls/tls.crt"
         settings["LOCALUP_TLS_KEY"] = "/etc/localup/tls/tls.key"
-        volumes = [f"{ca}:/etc/localup/tls/tls.crt:ro", f"{key}:/etc/localup/tls/tls.key:ro"]
+        volumes += [f"{ca}:/etc/localup/tls/tls.crt:ro", f"{key}:/etc/localup/tls/tls.key:ro"]
     settings.update(env or {})
-    container = run_container(image_ref("relay"), *args, env=settings, volumes=volumes)
+    container = run_container(image_ref("relay"), *args, env=settings, volumes=volumes, extra=extra)
     container.wait_for(r"relay listening")
     return Relay(container, f"127.0.0.1:{control}", tunnel_ports, f"127.0.0.1:{admin}", secret, ca)
 
 
 def start_client(run_container, relay, local_port, remote_port, sub="test", ca=True, env=None,
-                 wait=True):
-    """The client image as the operator's sidecar runs it. Returns (container, public
-    address) once the tunnel is up (address None with wait=False)."""
+                 wait=True, args=(), volumes=(), extra=()):
+    """The client image as the operator's sidecar runs it: the relay's certificate as its
+    CA (ca=True), or none (the certificate is then pinned in the image's writable
+    $HOME). Returns (container, public address) once the tunnel is up (address None
+    with wait=False)."""
     settings = {
         "LOCALUP_RELAY": relay.addr,
         "LOCALUP_TOKEN": mint_token(relay.secret, sub),
         "LOCALUP_CONNECT_TIMEOUT": "0",
         **TEST_LOG,
     }
-    volumes = []
+    volumes = list(volumes)
     if ca:
         settings["LOCALUP_RELAY_CA"] = "/etc/localup/ca.crt"
-        volumes = [f"{relay.ca}:/etc/localup/ca.crt:ro"]
+        volumes.append(f"{relay.ca}:/etc/localup/ca.crt:ro")
     settings.update(env or {})
-    args = ["--port", str(local_port), "--protocol", "tcp"]
+    args = ["--port", str(local_port), "--protocol", "tcp", *args]
     if remote_port is not None:
         args += ["--remote-port", str(remote_port)]
-    container = run_container(image_ref("client"), *args, env=settings, volumes=volumes)
+    container = run_container(image_ref("client"), *args, env=settings, volumes=volumes, extra=extra)
     if not wait:
         return container, None
     match = container.wait_for(r"TCP tunnel created: (\S+)")
@@ -369,6 +373,31 @@ def echo_server():
     server = EchoServer()
     yield server
     server.close()
+
+
+def http_get(url, token=None, timeout=10):
+    """(status, body) of a GET; HTTP errors are answers too."""
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except (urllib.error.URLError, ConnectionError, socket.timeout) as error:
+        return None, str(error)
+
+
+def wait_until(check, timeout=30, what="the condition", interval=0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(interval)
 
 
 def round_trip(port, size, timeout=120):

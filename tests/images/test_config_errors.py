@@ -50,6 +50,23 @@ RELAY_CASES = {
         {"LOCALUP_JWT_SECRET": "s", "LOCALUP_LOG_FORMAT": "xml"},
         ["--log-format", "LOCALUP_LOG_FORMAT"],
     ),
+    "bad port reservation": (
+        {"LOCALUP_JWT_SECRET": "s", "LOCALUP_PORT_RESERVATION": "a day"},
+        ["--port-reservation", "LOCALUP_PORT_RESERVATION"],
+    ),
+    "bad connection limit": (
+        {"LOCALUP_JWT_SECRET": "s", "LOCALUP_MAX_CONNECTIONS": "many"},
+        ["--max-connections", "LOCALUP_MAX_CONNECTIONS"],
+    ),
+    "missing admin token file": (
+        {"LOCALUP_JWT_SECRET": "s", "LOCALUP_ADMIN_ADDR": "127.0.0.1:0",
+         "LOCALUP_ADMIN_TOKEN_FILE": "/no/admin-token"},
+        ["/no/admin-token"],
+    ),
+    "admin token twice": (
+        {"LOCALUP_JWT_SECRET": "s", "LOCALUP_ADMIN_TOKEN": "t", "LOCALUP_ADMIN_TOKEN_FILE": "/etc/passwd"},
+        ["--admin-token", "LOCALUP_ADMIN_TOKEN"],
+    ),
 }
 
 
@@ -60,10 +77,14 @@ def test_relay_refuses_bad_setting(case):
     assert_refused_setting(*run_once(image_ref("relay"), env=env), *names)
 
 
-def test_relay_refuses_a_control_port_in_use():
+@pytest.mark.parametrize("kind", [socket.SOCK_DGRAM, socket.SOCK_STREAM], ids=["udp", "tcp"])
+def test_relay_refuses_a_control_port_in_use(kind):
+    """The control port is bound on UDP (QUIC) and TCP (TLS): either one taken stops it."""
     port = free_port()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+    with socket.socket(socket.AF_INET, kind) as taken:
         taken.bind(("127.0.0.1", port))
+        if kind == socket.SOCK_STREAM:
+            taken.listen()
         result = run_once(
             image_ref("relay"), env={"LOCALUP_JWT_SECRET": "s", "LOCALUP_ADDR": f"127.0.0.1:{port}"}
         )
@@ -89,6 +110,13 @@ CLIENT_CASES = {
     ),
     "bad connect timeout": (
         {"LOCALUP_CONNECT_TIMEOUT": "never"}, CLIENT_ARGS, ["--connect-timeout"],
+    ),
+    "bad transport": ({"LOCALUP_TRANSPORT": "udp"}, CLIENT_ARGS, ["--transport"]),
+    "bad health address": ({"LOCALUP_HEALTH_ADDR": "9808"}, CLIENT_ARGS, ["--health-addr"]),
+    "bad proxy protocol": ({"LOCALUP_PROXY_PROTOCOL": "v3"}, CLIENT_ARGS, ["--proxy-protocol"]),
+    "token twice": ({"LOCALUP_TOKEN_FILE": "/etc/passwd"}, CLIENT_ARGS, ["--token"]),
+    "missing token file": (
+        {"LOCALUP_TOKEN": None, "LOCALUP_TOKEN_FILE": "/no/token"}, CLIENT_ARGS, ["/no/token"],
     ),
 }
 

@@ -44,6 +44,12 @@ def test_image_config(name):
     assert image["Os"] == "linux" and image["Architecture"] == "amd64"
     assert "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" in config["Env"]
     assert image["Size"] < 25 * MIB, f"{image['Size'] / MIB:.1f} MiB"
+    exposed = set(config.get("ExposedPorts") or {})
+    assert exposed == EXPOSED[name], exposed
+
+
+# The relay's control port carries QUIC (UDP) and TLS over TCP on one number.
+EXPOSED = {"relay": {"4443/udp", "4443/tcp"}, "client": set(), "operator": {"8080/tcp", "8443/tcp"}}
 
 
 def filesystem(name):
@@ -98,12 +104,25 @@ def test_archive_carries_the_full_name_and_the_current_image(name):
     assert manifest["config"]["digest"] == "sha256:" + inspect(name)["Id"]
 
 
+def containerd_tools():
+    """containerd and ctr: from PATH, else the ones scripts/k8s/cluster.sh built."""
+    if shutil.which("containerd") and shutil.which("ctr"):
+        return "containerd", "ctr"
+    cache = Path(os.environ.get("LOCALUP_K8S_CACHE", Path.home() / ".cache/localup-k8s"))
+    for directory in sorted(cache.glob("bin/containerd-*"), reverse=True):
+        if (directory / "containerd").is_file() and (directory / "ctr").is_file():
+            return str(directory / "containerd"), str(directory / "ctr")
+    return None
+
+
 @pytest.fixture(scope="module")
 def containerd():
     """A private containerd (its own root, state and socket; no CRI), to import the
     archives the way the Kubernetes tests do."""
-    if not (shutil.which("containerd") and shutil.which("ctr")):
-        pytest.skip("containerd is not installed (the Kubernetes tests install it)")
+    tools = containerd_tools()
+    if tools is None:
+        pytest.skip("containerd is not installed (scripts/k8s/cluster.sh build builds it)")
+    containerd_bin, ctr_bin = tools
     directory = Path(tempfile.mkdtemp(prefix="lu-ctr-", dir="/tmp"))
     config = directory / "config.toml"
     config.write_text(
@@ -115,14 +134,14 @@ def containerd():
         f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{directory}/opt"\n'
     )
     log = open(directory / "log", "w")
-    process = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log)
+    process = subprocess.Popen([containerd_bin, "--config", str(config)], stdout=log, stderr=log)
     socket_path = str(directory / "c.sock")
     deadline = time.monotonic() + 20
-    while subprocess.run(["ctr", "-a", socket_path, "version"], capture_output=True).returncode:
+    while subprocess.run([ctr_bin, "-a", socket_path, "version"], capture_output=True).returncode:
         assert process.poll() is None, (directory / "log").read_text()
         assert time.monotonic() < deadline, "containerd did not start"
         time.sleep(0.2)
-    yield socket_path
+    yield ctr_bin, socket_path
     process.terminate()
     process.wait(20)
     log.close()
@@ -133,7 +152,8 @@ def containerd():
 @pytest.mark.parametrize("name", NAMES)
 def test_archive_imports_into_containerd_under_its_name(containerd, name):
     archive = ARCHIVE_DIR / f"localup-{name}.tar"
-    ctr = ["ctr", "-a", containerd, "-n", "k8s.io"]
+    ctr_bin, socket_path = containerd
+    ctr = [ctr_bin, "-a", socket_path, "-n", "k8s.io"]
     subprocess.run([*ctr, "images", "import", str(archive)], check=True, capture_output=True,
                    timeout=120)
     names = subprocess.run([*ctr, "images", "ls", "-q"], check=True, capture_output=True,
