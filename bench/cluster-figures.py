@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Figures of the whole system in a real one-node cluster (issue 6), printed as a table:
+"""Figures of the whole system in a real one-node cluster, printed as a table:
 
 - time from `kubectl apply` of a TcpTunnel to the first byte through it (median and
   worst of 10; includes the Deployment rolling its pod to get the sidecar);
@@ -34,11 +34,11 @@ from workloads import (  # noqa: E402
     postgres,
     running_ready,
     split_endpoint,
-    tunnel,
     wait_pods,
     wait_ready_tunnel,
 )
 from helpers import SYSTEM_NS, Kube, kubectl, wait_for  # noqa: E402
+from helpers import tunnel_manifest as tunnel  # noqa: E402
 
 NS = "localup-figures"
 

@@ -1,38 +1,64 @@
 #!/usr/bin/env bash
-# A real single-node Kubernetes 1.20.2 for localup's integration tests:
-# etcd 3.4, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and
-# kube-proxy (all built from Debian's `kubernetes` source package), on containerd 1.6
-# (CRI) + runc + the CNI bridge plugin. No registry and no internet needed.
+# A real single-node Kubernetes for localup's integration tests: etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler, kubelet and kube-proxy on containerd 2 (CRI)
+# + runc + the CNI bridge plugin, every one of them built from its Go module (the wrapper
+# modules in scripts/k8s/kube-build/ pin the releases: Kubernetes 1.37, etcd 3.7,
+# containerd 2.4, runc 1.5, CNI plugins 1.10). No image registry and no internet needed:
+# only the Go module proxy (build) and Debian's apt repositories (tools).
 #
 #   cluster.sh build                   build + cache binaries and images (no-op when cached)
 #   D=$(cluster.sh start DIR)          start a cluster whose state lives in DIR; prints DIR
 #   cluster.sh import DIR IMAGE.tar..  import OCI/docker archives into the node (ns k8s.io)
 #   cluster.sh stop DIR                kill everything, remove mounts/netns/bridge/iptables/cgroups
 #
-# After start, DIR/env holds KEY=VALUE lines (KUBECONFIG, NODE_IP, APISERVER_PORT, ...),
-# sourceable with `set -a; . DIR/env; set +a`.
+# After start, DIR/env holds KEY=VALUE lines (KUBECONFIG, NODE_IP, APISERVER_PORT, KUBECTL,
+# ...), sourceable with `set -a; . DIR/env; set +a`. KUBECTL is the kubectl of the same
+# release (the machine's own kubectl may be too old for this API server).
 # Images are referenced as localhost/NAME:TAG with imagePullPolicy: Never.
 #
 # One cluster per machine: the kubelet owns :10250, the /kubepods cgroups, the cni0
 # bridge (10.88.0.0/24), NodePorts and the KUBE-* iptables chains. Start it once per
 # test run and give each test its own namespace. Needs root.
 #
-# The sandbox-specific fixes are explained where they are applied; background and
-# measurements are in REAL-CLUSTER.md (project notes).
+# Everything built lives in the cache ($LOCALUP_K8S_CACHE, default ~/.cache/localup-k8s):
+# the Go module and build caches (go/), the binaries (bin/<component>-<version>/, one
+# directory per release, so a version bump in kube-build/*/go.mod builds anew) and the
+# images (img/). The fixes this machine needs are explained where they are applied.
 set -euo pipefail
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+MODS=$HERE/kube-build
 CACHE=${LOCALUP_K8S_CACHE:-$HOME/.cache/localup-k8s}
-V=v1.20.2
-SRC=$CACHE/src/kubernetes-1.20.2
-COMPONENTS="kube-apiserver kubelet kube-controller-manager kube-scheduler kube-proxy"
+# The release of each component: the version its wrapper module requires.
+modver() { sed -n "s|^[[:space:]]*\\(require \\)\\{0,1\\}$2 \\(v[^[:space:]]*\\).*|\\2|p" "$MODS/$1/go.mod" | head -1; }
+K8S_V=$(modver kubernetes k8s.io/kubernetes)
+ETCD_V=$(modver etcd go.etcd.io/etcd/server/v3)
+CONTAINERD_V=$(modver containerd github.com/containerd/containerd/v2)
+RUNC_V=$(modver runc github.com/opencontainers/runc)
+CNI_V=$(modver cni github.com/containernetworking/plugins)
+[ -n "$K8S_V" ] && [ -n "$ETCD_V" ] && [ -n "$CONTAINERD_V" ] && [ -n "$RUNC_V" ] && [ -n "$CNI_V" ] \
+  || { echo "cluster.sh: error: cannot read the versions from $MODS/*/go.mod" >&2; exit 1; }
+KBIN=$CACHE/bin/kubernetes-$K8S_V
+EBIN=$CACHE/bin/etcd-$ETCD_V
+CBIN=$CACHE/bin/containerd-$CONTAINERD_V
+RBIN=$CACHE/bin/runc-$RUNC_V
+NBIN=$CACHE/bin/cni-$CNI_V
+KUBE_COMPONENTS="kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl"
+# The pause image: pause.c of the release (k8s.io/kubernetes build/pause/linux), tagged
+# like its build/pause/Makefile TAG.
+PAUSE_TAG=3.10.2
+PAUSE_IMAGE=localhost/pause:$PAUSE_TAG
+IMAGES="$CACHE/img/pause-$PAUSE_TAG.tar $CACHE/img/busybox.tar"
 NODE_NAME=node1
 POD_CIDR=10.88.0.0/24
 SERVICE_CIDR=10.0.0.0/24
 TOKEN=admintoken
-# Debian packages needed to build (go, gcc, make, ...) and to run (the rest).
-APT_PACKAGES="golang-go golang-github-modern-go-reflect2-dev gcc libc6-dev make rsync
-  etcd-server containerd runc containernetworking-plugins podman busybox-static
-  iptables conntrack iproute2 kmod procps curl jq openssl"
+# Debian packages: to build (gcc, libc6-dev and libseccomp-dev for runc, the only cgo
+# binary; podman + busybox-static for the images) and to run (the rest). Go itself is
+# not Debian's (bookworm's 1.19 is too old): any go >= 1.21 on PATH, which fetches the
+# toolchain the modules ask for when it is older (GOTOOLCHAIN=auto).
+APT_PACKAGES="gcc libc6-dev libseccomp-dev podman busybox-static
+  iptables conntrack iproute2 kmod procps curl jq openssl python3"
 
 log() { echo "cluster.sh: $*" >&2; }
 die() { echo "cluster.sh: error: $*" >&2; exit 1; }
@@ -51,24 +77,28 @@ check_run_prereqs() {
   iptables -t nat -S >/dev/null 2>&1 \
     || die "iptables does not work here (no netfilter/nat support in the kernel?); kube-proxy needs it"
   local c
-  for c in etcd containerd ctr runc curl jq openssl ip; do
+  for c in curl jq openssl ip; do
     command -v "$c" >/dev/null || die "$c not found (run: $0 build)"
   done
-  [ -x /usr/lib/cni/bridge ] || die "CNI plugins missing in /usr/lib/cni (run: $0 build)"
-  for c in $COMPONENTS; do
-    [ -x "$CACHE/$c-$V" ] || die "$CACHE/$c-$V missing (run: $0 build)"
-  done
-  [ -f "$CACHE/img/pause.tar" ] || die "$CACHE/img/pause.tar missing (run: $0 build)"
+  binaries_built || die "binaries missing in $CACHE/bin (run: $0 build)"
+  for c in $IMAGES; do [ -f "$c" ] || die "$c missing (run: $0 build)"; done
+}
+
+binaries_built() {
+  local c
+  for c in $KUBE_COMPONENTS; do [ -x "$KBIN/$c" ] || return 1; done
+  [ -x "$EBIN/etcd" ] && [ -x "$CBIN/containerd" ] && [ -x "$CBIN/containerd-shim-runc-v2" ] \
+    && [ -x "$CBIN/ctr" ] && [ -x "$RBIN/runc" ] && [ -x "$NBIN/bridge" ] && [ -x "$NBIN/host-local" ] \
+    && [ -x "$NBIN/portmap" ] && [ -x "$NBIN/loopback" ]
 }
 
 is_built() {
-  local c p
-  for c in $COMPONENTS; do [ -x "$CACHE/$c-$V" ] || return 1; done
-  [ -f "$CACHE/img/pause.tar" ] && [ -f "$CACHE/img/busybox.tar" ] || return 1
+  local p
+  binaries_built || return 1
+  for p in $IMAGES; do [ -f "$p" ] || return 1; done
   for p in $APT_PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || return 1
   done
-  command -v kubectl >/dev/null || return 1
 }
 
 apt_install() {
@@ -82,71 +112,113 @@ apt_install() {
   fi
 }
 
+# Go, with every cache under $CACHE. The module proxy and checksum database are the
+# machine's own settings (GOPROXY/GOSUMDB), never named here.
+go_env() {
+  command -v go >/dev/null || die "go not found on PATH: install Go >= 1.21 (it fetches the release the modules need)"
+  export GOPATH=$CACHE/go GOMODCACHE=$CACHE/go/pkg/mod GOCACHE=$CACHE/go/cache
+  export GOFLAGS="-buildvcs=false -modcacherw" GOTOOLCHAIN=${LOCALUP_K8S_GOTOOLCHAIN:-auto}
+  export GOTELEMETRY=off
+  mkdir -p "$CACHE/logs"
+}
+
+# gobuild OUT MODULE FUNCTION: unless OUT exists, run FUNCTION OUT.tmp in the wrapper
+# module kube-build/MODULE (it builds the binaries into OUT.tmp), then rename it to OUT,
+# so a directory that exists is complete.
+gobuild() {
+  local out=$1 mod=$2 fn=$3 t=$SECONDS name=${1##*/}
+  [ -d "$out" ] && return 0
+  log "building $name (log: $CACHE/logs/build-$name.log)"
+  rm -rf "$out.tmp"
+  mkdir -p "$out.tmp"
+  (cd "$MODS/$mod" && "$fn" "$out.tmp") >"$CACHE/logs/build-$name.log" 2>&1 \
+    || { tail -30 "$CACHE/logs/build-$name.log" >&2; die "building $name failed (log: $CACHE/logs/build-$name.log)"; }
+  mv "$out.tmp" "$out"
+  log "built $name in $((SECONDS - t)) s"
+}
+
+# All six in one `go build`, so the packages they share compile once. Static
+# (CGO_ENABLED=0; the kubelet's only cgo dependencies sit behind build tags). The
+# version variables are what the release's hack/lib/version.sh sets: without them the
+# API server reports v0.0.0-master (Helm's kubeVersion checks fail) and kubectl warns.
+build_kubernetes() {
+  local ld="-s -w" kv date
+  date=$(go list -m -f '{{.Time.UTC.Format "2006-01-02T15:04:05Z"}}' k8s.io/kubernetes)
+  local minor=${K8S_V#v1.}; minor=${minor%%.*}
+  for kv in "gitVersion=$K8S_V" gitMajor=1 "gitMinor=$minor" gitTreeState=clean "buildDate=$date"; do
+    ld+=" -X k8s.io/component-base/version.$kv -X k8s.io/client-go/pkg/version.$kv"
+  done
+  CGO_ENABLED=0 go build -trimpath -ldflags "$ld" -o "$1/" tool
+}
+
+build_etcd() {
+  CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$1/etcd" go.etcd.io/etcd/server/v3
+}
+
+# containerd's release tags (no devmapper/zfs snapshotters; btrfs needs cgo, so it is out
+# anyway); the shim without gRPC, as upstream builds it.
+build_containerd() {
+  local tags="urfave_cli_no_docs no_devmapper no_zfs osusergo netgo"
+  local ld="-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_V"
+  local m=github.com/containerd/containerd/v2/cmd
+  CGO_ENABLED=0 go build -trimpath -tags "$tags" -ldflags "$ld" -o "$1/" "$m/containerd" "$m/ctr"
+  CGO_ENABLED=0 go build -trimpath -tags "$tags no_grpc" -ldflags "$ld" -o "$1/" "$m/containerd-shim-runc-v2"
+}
+
+# runc needs cgo (its nsenter is C) and libseccomp (pods with seccompProfile
+# RuntimeDefault, which the restricted Pod Security level demands, get a seccomp filter);
+# linked statically like upstream's release binaries. Not the libpathrs tag (a Rust
+# library Debian does not ship).
+build_runc() {
+  CGO_ENABLED=1 go build -trimpath -tags "seccomp urfave_cli_no_docs netgo osusergo" \
+    -ldflags "-s -w -X main.gitCommit=$RUNC_V -extldflags -static" -o "$1/runc" github.com/opencontainers/runc
+  "$1/runc" --version
+}
+
+build_cni() {
+  CGO_ENABLED=0 go build -trimpath \
+    -ldflags "-s -w -X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=$CNI_V" \
+    -o "$1/" tool
+}
+
 build() {
   need_root
   if is_built; then log "already built (cache: $CACHE)"; return 0; fi
-  local t0=$SECONDS c p
+  local t0=$SECONDS p
   local missing=()
   for p in $APT_PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
   done
-  # Any kubectl will do (the machine's may be a newer one from another source).
-  command -v kubectl >/dev/null || missing+=(kubernetes-client)
   if [ ${#missing[@]} -gt 0 ]; then
     log "apt-get install ${missing[*]}"
     apt_install "${missing[@]}"
   fi
 
-  mkdir -p "$CACHE/src" "$CACHE/home"
-  # $SRC/.go is created last: its presence means "source extracted and patched".
-  if [ ! -d "$SRC/.go" ]; then
-    cd "$CACHE/src"
-    if ! ls kubernetes_*.orig.tar.gz >/dev/null 2>&1; then
-      log "apt-get source kubernetes (~34 MB)"
-      if [ ! -f /etc/apt/sources.list.d/localup-debsrc.sources ]; then
-        printf '%s\n' 'Types: deb-src' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm' \
-          'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
-          > /etc/apt/sources.list.d/localup-debsrc.sources
-        apt-get -q -o DPkg::Lock::Timeout=900 update >/dev/null
-      fi
-      apt-get -q source --download-only kubernetes >/dev/null
-    fi
-    log "extracting source"
-    rm -rf kubernetes-1.20.2
-    tar xzf kubernetes_*.orig.tar.gz
-    cd kubernetes-1.20.2
-    # Go 1.19 crashes the vendored reflect2 v1.0.1 (SIGSEGV in mapiterinit whenever the
-    # apiserver encodes a map, e.g. on every admission webhook call): use Debian's 1.0.2.
-    rm vendor/github.com/modern-go/reflect2/*.go vendor/github.com/modern-go/reflect2/*.s
-    cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.go \
-       /usr/share/gocode/src/github.com/modern-go/reflect2/*.s vendor/github.com/modern-go/reflect2/
-    # cadvisor's docker plugin asks for docker's root dir 5 times, sleeping 1 s after each
-    # failure, inside kubelet start; there is no docker here. With 0 tries it takes its
-    # --docker_root fallback at once: ~5 s less on every cluster start.
-    local cad=vendor/github.com/google/cadvisor/container/docker
-    sed -i 's/^const rootDirRetries = 5$/const rootDirRetries = 0/' "$cad"/*.go
-    grep -q '^const rootDirRetries = 0$' "$cad"/*.go \
-      || log "warning: cadvisor rootDirRetries patch did not apply (kubelet start stays ~5 s slower)"
-    mkdir -p .go/src/k8s.io && ln -sfn ../../.. .go/src/k8s.io/kubernetes
+  # What the Kubernetes 1.20 version of this script left: Debian's kubernetes source and
+  # its build (~2.7 GB), the binaries, and the deb-src entry it added to apt.
+  rm -rf "${CACHE:?}/src" "${CACHE:?}/home" "$CACHE"/kube*-v1.20.2 "$CACHE/img/pause.tar" "$CACHE"/build-kube*.log
+  if [ -f /etc/apt/sources.list.d/localup-debsrc.sources ]; then
+    rm -f /etc/apt/sources.list.d/localup-debsrc.sources
   fi
 
-  cd "$SRC"
-  for c in $COMPONENTS; do  # one at a time: later ones reuse the Go build cache of earlier ones
-    [ -x "$CACHE/$c-$V" ] && continue
-    log "building $c (kube-apiserver ~4 min, the rest ~1.5 min together)"
-    # CGO_ENABLED=0 + KUBE_STATIC_OVERRIDES=kubelet: fully static binaries (kubelet's only cgo
-    # deps sit behind libpfm/libipmctl build tags).
-    GOPATH=$PWD/.go CGO_ENABLED=0 KUBE_STATIC_OVERRIDES=kubelet HOME=$CACHE/home \
-      make WHAT="cmd/$c" >"$CACHE/build-$c.log" 2>&1 \
-      || { tail -30 "$CACHE/build-$c.log" >&2; die "building $c failed (log: $CACHE/build-$c.log)"; }
-    cp "_output/bin/$c" "$CACHE/$c-$V.tmp" && mv "$CACHE/$c-$V.tmp" "$CACHE/$c-$V"
-  done
+  go_env
+  # Small ones first; Kubernetes is most of the time (tens of minutes on 2 cores cold).
+  gobuild "$NBIN" cni build_cni
+  gobuild "$RBIN" runc build_runc
+  gobuild "$EBIN" etcd build_etcd
+  gobuild "$CBIN" containerd build_containerd
+  gobuild "$KBIN" kubernetes build_kubernetes
 
   # Images FROM scratch (nothing can be pulled), saved as OCI archives for `ctr images import`.
-  if [ ! -f "$CACHE/img/pause.tar" ] || [ ! -f "$CACHE/img/busybox.tar" ]; then
+  local pause=$CACHE/img/pause-$PAUSE_TAG.tar
+  if [ ! -f "$pause" ] || [ ! -f "$CACHE/img/busybox.tar" ]; then
     log "building pause and busybox images"
+    local src
+    src=$(cd "$MODS/kubernetes" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)
+    grep -q "^TAG ?= *$PAUSE_TAG\$" "$src/build/pause/Makefile" \
+      || log "warning: $K8S_V's build/pause/Makefile has another TAG than $PAUSE_TAG (update PAUSE_TAG)"
     mkdir -p "$CACHE/img/pause" "$CACHE/img/bb"
-    gcc -static -O2 -DVERSION=v3.4.1 -o "$CACHE/img/pause/pause" "$SRC/build/pause/linux/pause.c"
+    gcc -static -O2 -DVERSION="v$PAUSE_TAG" -o "$CACHE/img/pause/pause" "$src/build/pause/linux/pause.c"
     printf '%s\n' 'FROM scratch' 'COPY pause /pause' 'USER 65535:65535' 'ENTRYPOINT ["/pause"]' \
       > "$CACHE/img/pause/Containerfile"
     cp /bin/busybox "$CACHE/img/bb/busybox"   # busybox-static: no libraries needed
@@ -155,14 +227,17 @@ build() {
       'RUN ["/bin/busybox","mkdir","-p","/www","/tmp"]' \
       'RUN ["/bin/sh","-c","echo hello-from-app > /www/index.html"]' \
       'ENV PATH=/bin' 'CMD ["/bin/sh"]' > "$CACHE/img/bb/Containerfile"
-    # runc + cgroupfs: no systemd here; lowered ulimits: root lacks CAP_SYS_RESOURCE here.
-    local P="podman --runtime runc --cgroup-manager=cgroupfs"
-    $P build -q --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 -t localhost/pause:3.4.1 "$CACHE/img/pause" >/dev/null
-    $P build -q --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 -t localhost/busybox:test "$CACHE/img/bb" >/dev/null
-    rm -f "$CACHE/img/pause.tar.tmp" "$CACHE/img/busybox.tar.tmp"
-    $P save -q --format oci-archive -o "$CACHE/img/pause.tar.tmp" localhost/pause:3.4.1
+    # Our runc + cgroupfs: no systemd here; lowered ulimits: root lacks CAP_SYS_RESOURCE here;
+    # no network for the RUN steps (else podman's netavark sets up a bridge and iptables
+    # chains on the host). Output to a log: runc warns that it "can't raise ambient capability".
+    local P="podman --runtime $RBIN/runc --cgroup-manager=cgroupfs"
+    local b=(build -q --network=none --ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+    { $P "${b[@]}" -t "$PAUSE_IMAGE" "$CACHE/img/pause" && $P "${b[@]}" -t localhost/busybox:test "$CACHE/img/bb"; } \
+      >"$CACHE/logs/images.log" 2>&1 || { tail -20 "$CACHE/logs/images.log" >&2; die "podman build failed"; }
+    rm -f "$pause.tmp" "$CACHE/img/busybox.tar.tmp"
+    $P save -q --format oci-archive -o "$pause.tmp" "$PAUSE_IMAGE"
     $P save -q --format oci-archive -o "$CACHE/img/busybox.tar.tmp" localhost/busybox:test
-    mv "$CACHE/img/pause.tar.tmp" "$CACHE/img/pause.tar"
+    mv "$pause.tmp" "$pause"
     mv "$CACHE/img/busybox.tar.tmp" "$CACHE/img/busybox.tar"
   fi
   log "build done in $((SECONDS - t0)) s (cache: $CACHE)"
@@ -220,7 +295,8 @@ all_alive() { local p; for p in $(cat "$D/pids"); do is_ours "$p" "$D" || return
 wipe_state() {
   if grep -q " $D/" /proc/mounts; then die "mounts still present under $D; run: $0 stop $D"; fi
   rm -rf "$D/etcd" "$D/containerd" "$D/cni" "$D/kubelet" "$D/manifests" "$D/certs" \
-    "$D/sa.key" "$D/sa.pub" "$D/tokens.csv" "$D/kubeconfig" "$D/env" "$D"/*.log
+    "$D/sa.key" "$D/sa.pub" "$D/tokens.csv" "$D/kubeconfig" "$D/kubelet.yaml" "$D/kube-proxy.yaml" \
+    "$D/env" "$D"/*.log
 }
 
 # EXIT trap of start: on failure show the end of every log, then tear everything down.
@@ -264,23 +340,23 @@ start() {
   sysctl -qw net.bridge.bridge-nf-call-iptables=1 2>/dev/null || true
 
   # --- etcd + kube-apiserver
-  bg "$D/etcd.log" etcd --data-dir "$D/etcd" --listen-client-urls "http://127.0.0.1:$E" \
-    --advertise-client-urls "http://127.0.0.1:$E" --listen-peer-urls "http://127.0.0.1:$EP"
+  bg "$D/etcd.log" "$EBIN/etcd" --data-dir "$D/etcd" --listen-client-urls "http://127.0.0.1:$E" \
+    --advertise-client-urls "http://127.0.0.1:$E" --listen-peer-urls "http://127.0.0.1:$EP" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$EP" --initial-cluster "default=http://127.0.0.1:$EP" \
+    --listen-metrics-urls "" --log-level warn
   openssl genrsa -out "$D/sa.key" 2048 2>/dev/null
   openssl rsa -in "$D/sa.key" -pubout -out "$D/sa.pub" 2>/dev/null
   echo "$TOKEN,admin,admin,system:masters" > "$D/tokens.csv"
   # bind 0.0.0.0 + advertise the eth0 IP: a loopback advertise address makes the
   # "kubernetes" Endpoints invalid and pods cannot reach the API.
   # InternalIP first: the node name does not resolve here (kubectl logs/exec need it).
-  # MixedProtocolLBService (alpha in 1.20): the relay's LoadBalancer Service carries the
-  # QUIC control port over UDP beside the tunnels' TCP ports.
-  bg "$D/apiserver.log" "$CACHE/kube-apiserver-$V" --etcd-servers="http://127.0.0.1:$E" \
+  # (MixedProtocolLBService, which the relay's TCP+UDP LoadBalancer Service needs, is GA.)
+  bg "$D/apiserver.log" "$KBIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$E" \
     --cert-dir="$D/certs" --secure-port="$A" --bind-address=0.0.0.0 --advertise-address="$NODE_IP" \
     --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$D/sa.pub" \
     --service-account-signing-key-file="$D/sa.key" --authorization-mode=RBAC \
     --token-auth-file="$D/tokens.csv" --service-cluster-ip-range=$SERVICE_CIDR \
-    --allow-privileged=true --kubelet-preferred-address-types=InternalIP,Hostname \
-    --feature-gates=MixedProtocolLBService=true
+    --allow-privileged=true --kubelet-preferred-address-types=InternalIP,Hostname
   cat > "$D/kubeconfig" <<KC
 apiVersion: v1
 kind: Config
@@ -293,72 +369,122 @@ KC
   # --- containerd (own root/state/socket under DIR) + CNI bridge
   mkdir -p "$D/containerd" "$D/cni/net.d"
   cat > "$D/containerd/config.toml" <<EOF
-version = 2
+version = 4
 root = "$D/containerd/root"
 state = "$D/containerd/state"
-[grpc]
+# (Config version 4: the servers are plugins; their default sockets are machine-wide.)
+[plugins.'io.containerd.server.v1.grpc']
   address = "$D/containerd/containerd.sock"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "localhost/pause:3.4.1"
+[plugins.'io.containerd.server.v1.ttrpc']
+  address = "$D/containerd/containerd.sock.ttrpc"
+[plugins.'io.containerd.internal.v1.opt']
+  path = "$D/containerd/opt"
+# NRI would listen on a machine-wide socket (/var/run/nri); nothing here uses it.
+[plugins.'io.containerd.nri.v1.nri']
+  disable = true
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "overlayfs"
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = "$PAUSE_IMAGE"
+[plugins.'io.containerd.cri.v1.runtime']
   # root has no CAP_SYS_RESOURCE here, so runc cannot lower oom_score_adj (pause wants -998)
   # and every pod sandbox would fail with "can't get final child's PID from pipe".
   restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
+  [plugins.'io.containerd.cri.v1.runtime'.containerd]
     default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      runtime_path = "$CBIN/containerd-shim-runc-v2"
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+        BinaryName = "$RBIN/runc"
+        Root = "$D/containerd/runc"
         SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ["$NBIN"]
     conf_dir = "$D/cni/net.d"
 EOF
   # IPAM state under DIR (dataDir) so a stop/start cycle never sees stale leases.
   cat > "$D/cni/net.d/10-bridge.conflist" <<EOF
-{"cniVersion": "0.4.0", "name": "k8s-pod-network", "plugins": [
+{"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [
   {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true, "hairpinMode": true,
    "ipam": {"type": "host-local", "dataDir": "$D/cni/ipam", "ranges": [[{"subnet": "$POD_CIDR"}]],
             "routes": [{"dst": "0.0.0.0/0"}]}},
   {"type": "portmap", "capabilities": {"portMappings": true}},
   {"type": "loopback"}]}
 EOF
-  bg "$D/containerd.log" containerd --config "$D/containerd/config.toml"
+  # PATH: the shim and runc of the same build, whatever the machine has installed.
+  bg "$D/containerd.log" env PATH="$CBIN:$RBIN:$PATH" "$CBIN/containerd" --config "$D/containerd/config.toml"
   wait_for 20 "containerd socket" test -S "$D/containerd/containerd.sock"
   local i
-  for i in "$CACHE"/img/*.tar; do
-    ctr -a "$D/containerd/containerd.sock" -n k8s.io images import "$i" >/dev/null
+  # (ctr's stderr to a log: it repeats containerd's cgroup v1 deprecation warning.)
+  for i in $IMAGES; do
+    "$CBIN/ctr" -a "$D/containerd/containerd.sock" -n k8s.io images import --local "$i" >/dev/null 2>>"$D/ctr.log"
   done
 
   wait_for 60 "kube-apiserver /readyz" api_ready
+  # The apiserver's self-signed certs/apiserver.crt is its serving cert followed by the CA
+  # that signed it: the CA alone is the cluster's root CA (the controller-manager's
+  # ClusterTrustBundle publisher rejects a bundle whose first entry is no CA).
+  awk '/BEGIN CERTIFICATE/{n++} n==2' "$D/certs/apiserver.crt" > "$D/certs/ca.crt"
+  grep -q 'END CERTIFICATE' "$D/certs/ca.crt" || die "no CA certificate in $D/certs/apiserver.crt"
 
   # --- controller-manager, scheduler: admin token, no serving ports at all.
-  # sa.key + the apiserver's self-signed cert: ServiceAccount tokens with a usable ca.crt.
-  bg "$D/kcm.log" "$CACHE/kube-controller-manager-$V" --kubeconfig="$D/kubeconfig" --leader-elect=false \
-    --service-account-private-key-file="$D/sa.key" --root-ca-file="$D/certs/apiserver.crt" \
-    --port=0 --secure-port=0
-  bg "$D/scheduler.log" "$CACHE/kube-scheduler-$V" --kubeconfig="$D/kubeconfig" --leader-elect=false \
-    --port=0 --secure-port=0
+  # sa.key: the token controller (Secrets of type service-account-token, when asked for);
+  # ca.crt: the kube-root-ca.crt ConfigMap of every namespace, which projected
+  # ServiceAccount token volumes mount as ca.crt (in-cluster clients verify the API with it).
+  bg "$D/kcm.log" "$KBIN/kube-controller-manager" --kubeconfig="$D/kubeconfig" --leader-elect=false \
+    --service-account-private-key-file="$D/sa.key" --root-ca-file="$D/certs/ca.crt" \
+    --secure-port=0
+  bg "$D/scheduler.log" "$KBIN/kube-scheduler" --kubeconfig="$D/kubeconfig" --leader-elect=false \
+    --secure-port=0
 
-  # --- kubelet. Anonymous + AlwaysAllow: the apiserver needs no client cert for
-  # logs/exec (test only). 1 s status updates: Ready at the first post, not after 10 s.
+  # --- kubelet: most of its settings exist only in the config file now.
+  # failCgroupV1: false - this machine is cgroup v1 (hybrid); the kubelet refuses it otherwise.
+  # Anonymous + AlwaysAllow: the apiserver needs no client cert for logs/exec (test only).
+  # 1 s status updates: Ready at the first post, not after 10 s.
   # Image GC off: our images cannot be pulled again.
+  # syncFrequency 5s (default 1m): the kubelet rewrites a pod's Secret volumes only when
+  # it syncs the pod, so a renewed token file reaches a sidecar within ~8 s instead of
+  # ~1.5 min, and tests can use token lifetimes of tens of seconds.
   mkdir -p "$D/kubelet" "$D/manifests"
-  bg "$D/kubelet.log" "$CACHE/kubelet-$V" --kubeconfig="$D/kubeconfig" \
-    --container-runtime=remote --container-runtime-endpoint="unix://$D/containerd/containerd.sock" \
-    --containerd="$D/containerd/containerd.sock" \
-    --cgroup-driver=cgroupfs --fail-swap-on=false --root-dir="$D/kubelet" --cert-dir="$D/kubelet/pki" \
-    --pod-manifest-path="$D/manifests" --hostname-override=$NODE_NAME --node-ip="$NODE_IP" \
-    --anonymous-auth=true --authorization-mode=AlwaysAllow --authentication-token-webhook=false \
-    --image-gc-high-threshold=100 --image-gc-low-threshold=99 --node-status-update-frequency=1s \
-    '--eviction-hard=memory.available<100Mi,nodefs.available<1%,imagefs.available<1%' \
-    --healthz-port=0 --read-only-port=0
+  cat > "$D/kubelet.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+containerRuntimeEndpoint: unix://$D/containerd/containerd.sock
+failCgroupV1: false
+cgroupDriver: cgroupfs
+failSwapOn: false
+staticPodPath: $D/manifests
+authentication:
+  anonymous: {enabled: true}
+  webhook: {enabled: false}
+authorization: {mode: AlwaysAllow}
+healthzPort: 0
+readOnlyPort: 0
+nodeStatusUpdateFrequency: 1s
+syncFrequency: 5s
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%}
+EOF
+  bg "$D/kubelet.log" "$KBIN/kubelet" --config="$D/kubelet.yaml" --kubeconfig="$D/kubeconfig" \
+    --root-dir="$D/kubelet" --cert-dir="$D/kubelet/pki" \
+    --hostname-override=$NODE_NAME --node-ip="$NODE_IP"
 
-  # --- kube-proxy (iptables). 1.20 rejects an empty/port-0 metrics address.
-  # conntrack-max-per-core=0: do not touch the host's nf_conntrack_max.
-  bg "$D/kube-proxy.log" "$CACHE/kube-proxy-$V" --kubeconfig="$D/kubeconfig" --hostname-override=$NODE_NAME \
-    --proxy-mode=iptables --cluster-cidr=$POD_CIDR --conntrack-max-per-core=0 \
-    --healthz-port=0 --metrics-bind-address=127.0.0.1:10249
+  # --- kube-proxy (iptables), from a config file (its flags are deprecated).
+  # maxPerCore 0: do not touch the host's nf_conntrack_max. No healthz/metrics listeners.
+  cat > "$D/kube-proxy.yaml" <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {kubeconfig: $D/kubeconfig}
+hostnameOverride: $NODE_NAME
+mode: iptables
+clusterCIDR: $POD_CIDR
+conntrack: {maxPerCore: 0}
+healthzBindAddress: ""
+metricsBindAddress: ""
+EOF
+  bg "$D/kube-proxy.log" "$KBIN/kube-proxy" --config="$D/kube-proxy.yaml"
 
   wait_for 90 "node $NODE_NAME Ready" node_ready
   wait_for 30 "the default ServiceAccount" default_sa
@@ -375,6 +501,10 @@ CONTAINERD_SOCK=$D/containerd/containerd.sock
 POD_CIDR=$POD_CIDR
 SERVICE_CIDR=$SERVICE_CIDR
 CLUSTER_DIR=$D
+K8S_VERSION=$K8S_V
+KUBECTL=$KBIN/kubectl
+CTR=$CBIN/ctr
+PAUSE_IMAGE=$PAUSE_IMAGE
 EOF
   trap - EXIT
   log "node Ready in $((SECONDS - t0)) s; export KUBECONFIG=$D/kubeconfig"
@@ -390,7 +520,8 @@ import() {
   for f in "$@"; do
     [ -f "$f" ] || die "no such file: $f"
     # Prints the imported image names (use them with imagePullPolicy: Never).
-    ctr -a "$S" -n k8s.io images import "$f" | sed -n 's/^unpacking \([^ ]*\) .*/\1/p'
+    "$CBIN/ctr" -a "$S" -n k8s.io images import --local "$f" 2>>"$D/ctr.log" \
+      | sed -n 's/^unpacking \([^ ]*\) .*/\1/p'
   done
 }
 
@@ -435,23 +566,29 @@ stop() {
   pids=$(our_pids "$D" | tac)
   for p in $pids; do
     case "$(tr '\0' ' ' 2>/dev/null < "/proc/$p/cmdline" || true)" in
-      containerd*|etcd*|*kube-apiserver*) continue;;
+      *containerd\ --config*|*/etcd\ *|*kube-apiserver*) continue;;
     esac
     kill "$p" 2>/dev/null || true
   done
   sleep 0.5
-  if [ -S "$S" ]; then
-    for t in $(ctr -a "$S" -n k8s.io tasks ls -q 2>/dev/null); do
-      ctr -a "$S" -n k8s.io tasks kill -s KILL "$t" 2>/dev/null || true
+  if [ -S "$S" ] && [ -x "$CBIN/ctr" ]; then
+    for t in $("$CBIN/ctr" -a "$S" -n k8s.io tasks ls -q 2>/dev/null); do
+      "$CBIN/ctr" -a "$S" -n k8s.io tasks kill -s KILL "$t" 2>/dev/null || true
     done
     sleep 0.5
-    for t in $(ctr -a "$S" -n k8s.io tasks ls -q 2>/dev/null); do
-      ctr -a "$S" -n k8s.io tasks delete -f "$t" >/dev/null 2>&1 || true
+    for t in $("$CBIN/ctr" -a "$S" -n k8s.io tasks ls -q 2>/dev/null); do
+      "$CBIN/ctr" -a "$S" -n k8s.io tasks delete -f "$t" >/dev/null 2>&1 || true
     done
   fi
-  for p in $pids; do kill "$p" 2>/dev/null || true; done
-  # Up to 3 s of grace, then SIGKILL: the apiserver was seen hanging in shutdown after
-  # exec/log streams, and nothing of the cluster's state is kept for a next start anyway.
+  # etcd and the apiserver at once with SIGKILL: their graceful shutdown takes 5 s and more
+  # (the apiserver was also seen hanging in it after exec/log streams), and nothing of the
+  # cluster's state is kept for a next start anyway. The rest: up to 3 s, then SIGKILL.
+  for p in $pids; do
+    case "$(tr '\0' ' ' 2>/dev/null < "/proc/$p/cmdline" || true)" in
+      */etcd\ *|*kube-apiserver*) kill -9 "$p" 2>/dev/null || true;;
+      *) kill "$p" 2>/dev/null || true;;
+    esac
+  done
   for _ in $(seq 1 12); do
     all_dead "$D" && break
     sleep 0.25
@@ -475,12 +612,18 @@ stop() {
     rm -f "$n"
   done
   ip link del cni0 2>/dev/null || true
-  if [ -x "$CACHE/kube-proxy-$V" ]; then "$CACHE/kube-proxy-$V" --cleanup >/dev/null 2>&1 || true; fi
+  if [ -x "$KBIN/kube-proxy" ]; then "$KBIN/kube-proxy" --cleanup >/dev/null 2>&1 || true; fi
   clean_iptables
   # Pod cgroups (kubelet with the cgroupfs driver creates /kubepods in every hierarchy).
   for c in /sys/fs/cgroup/*/kubepods; do
     if [ -d "$c" ]; then find "$c" -depth -type d -exec rmdir {} + 2>/dev/null || true; fi
   done
+  # Paths the kubelet (its device plugin socket, a fixed path) and the shims (their
+  # sockets) use outside DIR: the socket when nothing listens on it any more, then the
+  # directories when empty, i.e. when nothing else uses them.
+  local dps=/var/lib/kubelet/device-plugins/kubelet.sock
+  if [ -S $dps ] && ! ss -Hxl | grep -q " $dps "; then rm -f $dps; fi
+  rmdir /var/lib/kubelet/device-plugins /var/lib/kubelet /run/containerd/s /run/containerd 2>/dev/null || true
   rm -f "$D/pids" "$D/env"
   log "stopped and cleaned up in $((SECONDS - t0)) s"
 }

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The Kubernetes end-to-end tests against a real one-node Kubernetes 1.20:
+# The Kubernetes end-to-end tests against a real one-node Kubernetes 1.37 (built from
+# the Go modules pinned in scripts/k8s/kube-build/ by scripts/k8s/cluster.sh):
 #   tests/k8s/      the Helm charts, the operator (a host process), its webhook and the
-#                   injected sidecar (issue 3)
+#                   injected sidecar
 #   tests/cluster/  the whole system in pods: images, charts with default values,
-#                   traffic from the host into pods (issue 6), when present
+#                   traffic from the host into pods
 #
 #   scripts/k8s/run-tests.sh [PYTEST ARGS...]      e.g. -k injection -x
 #
@@ -83,6 +84,8 @@ set -a
 # shellcheck disable=SC1091
 . "$DIR/env"
 set +a
+# The cluster's own kubectl first on PATH (the machine's may be too old for this release).
+if [ -n "${KUBECTL:-}" ]; then PATH=$(dirname "$KUBECTL"):$PATH; fi
 mkdir -p "$LOCALUP_K8S_ARTIFACTS"
 log "cluster up after $((SECONDS - t0)) s; artifacts in $LOCALUP_K8S_ARTIFACTS"
 

@@ -1,10 +1,13 @@
-"""Manifests and probes for the workloads the whole-system tests tunnel to."""
+"""The workloads the whole-system tests tunnel to, and probes for them. The generic
+Kubernetes helpers (API client, manifests, polling) are tests/k8s/helpers.py."""
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "k8s"))
@@ -15,8 +18,12 @@ from helpers import (  # noqa: E402
     ROOT,
     SYSTEM_NS,
     Kube,
+    deployment_manifest,
     echo_roundtrip,
+    has_sidecar,
     helm,
+    is_provisioned,
+    is_ready,
     set_lb_ingress,
     target_dir,
     wait_for,
@@ -26,6 +33,10 @@ IMAGES = ["localup-relay", "localup-client", "localup-operator"]
 POSTGRES_IMAGE = "localhost/localup-e2e-postgres:15"
 BUSYBOX_IMAGE = "localhost/busybox:test"
 ECHO_PORT = 9000
+# The operator's --port-quarantine in this suite (the chart's default is 10m).
+QUARANTINE_SECONDS = 10
+# Values the suite installs the operator chart with; everything else is the default.
+OPERATOR_VALUES = ["--set", f"portQuarantine={QUARANTINE_SECONDS}s"]
 
 
 def import_images(cluster_dir: str) -> None:
@@ -49,15 +60,22 @@ def deployment_available(kube: Kube, ns: str, name: str) -> bool:
         conditions.get("Available") == "True"
         and status.get("updatedReplicas") == deployment["spec"]["replicas"]
         and status.get("readyReplicas") == deployment["spec"]["replicas"]
+        and status.get("replicas") == deployment["spec"]["replicas"]
         and status.get("observedGeneration") == deployment["metadata"]["generation"]
     )
 
 
 def install_system(kube: Kube, node_ip: str) -> None:
-    """Both charts installed as a user would (`helm install`, default values), then
-    MetalLB's part: the relay Service gets the node's IP as its load-balancer address."""
-    for release, chart in ((RELAY, "localup-relay"), (OPERATOR, "localup-operator")):
-        helm("install", release, str(ROOT / "charts" / chart), "-n", SYSTEM_NS, "--create-namespace")
+    """Both charts installed as a user would (`helm install`, default values but a short
+    port quarantine), then MetalLB's part: the relay Service gets the node's IP as its
+    load-balancer address (written by the test: there is no load-balancer controller)."""
+    for release, chart, values in ((RELAY, "localup-relay", []), (OPERATOR, "localup-operator", OPERATOR_VALUES)):
+        helm("install", release, str(ROOT / "charts" / chart), "-n", SYSTEM_NS, "--create-namespace", *values)
+    wait_system_available(kube)
+    set_lb_ingress(kube, [{"ip": node_ip}])
+
+
+def wait_system_available(kube: Kube) -> None:
     for name in (RELAY, OPERATOR):
         wait_for(lambda: deployment_available(kube, SYSTEM_NS, name), timeout=120,
                  what=f"Deployment {SYSTEM_NS}/{name} to become Available through its readiness probe",
@@ -66,7 +84,6 @@ def install_system(kube: Kube, node_ip: str) -> None:
     # API server's calls fail and pods are admitted (fail-open) without the sidecar.
     webhook_ip = kube.get(kube.core(SYSTEM_NS, "services", f"{OPERATOR}-webhook"))["spec"]["clusterIP"]
     wait_for(lambda: reachable(webhook_ip, 443), timeout=60, what=f"the webhook Service {webhook_ip}:443")
-    set_lb_ingress(kube, [{"ip": node_ip}])
 
 
 def reachable(host: str, port: int) -> bool:
@@ -77,48 +94,45 @@ def reachable(host: str, port: int) -> bool:
         return False
 
 
-def deployment(name: str, labels: dict, container: dict) -> dict:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {"terminationGracePeriodSeconds": 2, "containers": [container]},
-            },
-        },
-    }
-
-
 def postgres(name: str, labels: dict) -> dict:
-    return deployment(name, labels, {
+    return deployment_manifest(name, labels, grace=2, containers=[{
         "name": "postgres",
         "image": POSTGRES_IMAGE,
         "imagePullPolicy": "IfNotPresent",
         "ports": [{"containerPort": 5432}],
         "readinessProbe": {"tcpSocket": {"port": 5432}, "periodSeconds": 1},
-    })
+    }])
 
 
-def echo(name: str, labels: dict) -> dict:
+def echo_container(name: str = "echo") -> dict:
     """busybox nc forking `cat` per connection: echoes, and half-closes on EOF."""
-    return deployment(name, labels, {
-        "name": "echo",
+    return {
+        "name": name,
         "image": BUSYBOX_IMAGE,
         "imagePullPolicy": "IfNotPresent",
         "command": ["nc", "-ll", "-p", str(ECHO_PORT), "-e", "cat"],
         "readinessProbe": {"tcpSocket": {"port": ECHO_PORT}, "periodSeconds": 1},
-    })
+    }
 
 
-def tunnel(name: str, labels: dict, port: int, remote_port: int | None = None) -> dict:
-    spec = {"selector": {"matchLabels": labels}, "port": port}
-    if remote_port is not None:
-        spec["remotePort"] = remote_port
-    return {"apiVersion": "localup.dev/v1alpha1", "kind": "TcpTunnel", "metadata": {"name": name}, "spec": spec}
+def echo(name: str, labels: dict, replicas: int = 1) -> dict:
+    return deployment_manifest(name, labels, [echo_container()], replicas=replicas, grace=2)
+
+
+def namer_container() -> dict:
+    """Answers every connection with its pod's name (then closes)."""
+    return {
+        "name": "namer",
+        "image": BUSYBOX_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        "command": ["nc", "-ll", "-p", str(ECHO_PORT), "-e", "sh", "-c", "echo $POD_NAME"],
+        "readinessProbe": {"tcpSocket": {"port": ECHO_PORT}, "periodSeconds": 1},
+    }
+
+
+def namer(name: str, labels: dict, replicas: int) -> dict:
+    return deployment_manifest(name, labels, [namer_container()], replicas=replicas, grace=2)
 
 
 def pods(kube: Kube, ns: str, labels: dict) -> list[dict]:
@@ -137,27 +151,40 @@ def running_ready(pod: dict) -> bool:
     return status.get("phase") == "Running" and conditions.get("Ready") == "True"
 
 
-def wait_pods(kube: Kube, ns: str, labels: dict, with_sidecar: bool, timeout: float = 90) -> list[dict]:
-    """Until exactly the Deployment's one pod runs, with or without the sidecar."""
+def describe_pods(kube: Kube, ns: str, labels: dict) -> str:
+    return str([(p["metadata"]["name"], has_sidecar(p), (p.get("status") or {}).get("phase"),
+                 [(c["name"], c.get("state")) for c in (p.get("status") or {}).get("initContainerStatuses") or []])
+                for p in pods(kube, ns, labels)])
+
+
+def wait_pods(kube: Kube, ns: str, labels: dict, with_sidecar: bool, timeout: float = 90, count: int = 1) -> list[dict]:
+    """Until exactly `count` pods run and are ready, all with or all without the sidecar."""
     def check():
         found = pods(kube, ns, labels)
-        ok = len(found) == 1 and all(
-            running_ready(p) and ("localup-client" in containers(p)) == with_sidecar for p in found)
+        ok = len(found) == count and all(running_ready(p) and has_sidecar(p) == with_sidecar for p in found)
         return found if ok else None
 
     return wait_for(check, timeout=timeout, interval=0.5,
-                    what=f"one running pod {labels} in {ns} {'with' if with_sidecar else 'without'} the sidecar",
-                    describe=lambda: str([(p["metadata"]["name"], containers(p), (p.get("status") or {}).get("phase"))
-                                          for p in pods(kube, ns, labels)]))
+                    what=f"{count} running pod(s) {labels} in {ns} {'with' if with_sidecar else 'without'} the sidecar",
+                    describe=lambda: describe_pods(kube, ns, labels))
 
 
-def wait_ready_tunnel(kube: Kube, ns: str, name: str, timeout: float = 60) -> dict:
+def wait_ready_tunnel(kube: Kube, ns: str, name: str, timeout: float = 90) -> dict:
+    """Until the tunnel is Ready: provisioned, and every pod it selects serves."""
     def check():
-        t = kube.tunnel(ns, name) or {}
-        conditions = (t.get("status") or {}).get("conditions", [])
-        return t if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) else None
+        t = kube.tunnel(ns, name)
+        return t if is_ready(t) else None
 
     return wait_for(check, timeout=timeout, what=f"TcpTunnel {ns}/{name} Ready",
+                    describe=lambda: str((kube.tunnel(ns, name) or {}).get("status")))
+
+
+def wait_provisioned_tunnel(kube: Kube, ns: str, name: str, timeout: float = 60) -> dict:
+    def check():
+        t = kube.tunnel(ns, name)
+        return t if is_provisioned(t) else None
+
+    return wait_for(check, timeout=timeout, what=f"TcpTunnel {ns}/{name} Provisioned",
                     describe=lambda: str((kube.tunnel(ns, name) or {}).get("status")))
 
 
@@ -172,6 +199,96 @@ def echo_works(host: str, port: int) -> bool:
         return echo_roundtrip(port, payload, timeout=3, host=host) == payload
     except OSError:
         return False
+
+
+def ask_name(host: str, port: int, timeout: float = 5) -> str:
+    """One connection to a namer: the pod name it answers with (raises on failure)."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            data = s.recv(4096)
+            if not data:
+                break
+            chunks.append(data)
+    name = b"".join(chunks).decode().strip()
+    if not name:
+        raise ConnectionError("the connection closed without an answer")
+    return name
+
+
+class Stream:
+    """A client opening one connection every `interval` seconds in a thread, each
+    checked (an echo of random bytes, or a namer's answer); counts every outcome."""
+
+    def __init__(self, host: str, port: int, interval: float = 0.05, check: str = "echo"):
+        self.host, self.port, self.interval, self.check = host, port, interval, check
+        self.ok = 0
+        self.failures: list[str] = []
+        # (monotonic start, succeeded) of every connection, to count a window by when
+        # its connections started.
+        self.outcomes: list[tuple[float, bool]] = []
+        self.names: dict[str, int] = {}
+        self.marks: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Stream":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def mark(self, what: str) -> None:
+        """Notes what happens now, to read failures against."""
+        self.marks.append(f"{time.strftime('%H:%M:%S')} {what} (after {self.total} connections)")
+
+    def since(self, start: float, end: float = float("inf")) -> tuple[int, int]:
+        """(failed, total) of the connections started in [start, end) (monotonic)."""
+        window = [ok for at, ok in list(self.outcomes) if start <= at < end]
+        return window.count(False), len(window)
+
+    @property
+    def total(self) -> int:
+        return self.ok + len(self.failures)
+
+    def summary(self) -> str:
+        return f"{len(self.failures)} failed of {self.total}" + (
+            f"; first failures: {self.failures[:5]}; timeline: {self.marks}" if self.failures else "")
+
+    def _one(self) -> None:
+        started = time.strftime("%H:%M:%S")
+        began = time.monotonic()
+        try:
+            if self.check == "name":
+                name = ask_name(self.host, self.port)
+                self.names[name] = self.names.get(name, 0) + 1
+            else:
+                payload = os.urandom(256)
+                got = echo_roundtrip(self.port, payload, timeout=5, host=self.host)
+                if got != payload:
+                    raise ConnectionError(f"echoed {len(got)} of {len(payload)} bytes")
+            self.ok += 1
+            self.outcomes.append((began, True))
+        except Exception as e:  # noqa: BLE001 - every failure is counted and reported
+            self.failures.append(f"{started} {e!r}")
+            self.outcomes.append((began, False))
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            self._one()
+            next_at += self.interval
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            else:
+                next_at = time.monotonic()
 
 
 def psql(host: str, port: int, sql: str, timeout: float = 10) -> subprocess.CompletedProcess:

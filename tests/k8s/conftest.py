@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,8 +23,8 @@ from helpers import (
     ROOT,
     SYSTEM_NS,
     TUNNELS,
-    ApiError,
     Kube,
+    Namespaces,
     Operator,
     Process,
     free_port,
@@ -37,12 +34,12 @@ from helpers import (
     set_lb_ingress,
     target_dir,
     http_get,
+    is_provisioned,
     ready_condition,
     tunnel_manifest,
     tunnel_summary,
     wait_for,
 )
-
 
 
 # ---------------------------------------------------------------- session basics
@@ -77,18 +74,12 @@ def leave_the_cluster_clean(kube):
         kube.delete(f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{OPERATOR}{suffix}")
         kube.delete(kube.core(SYSTEM_NS, "secrets", f"{OPERATOR}{suffix}-webhook-tls"))
     kube.delete(f"/apis/coordination.k8s.io/v1/namespaces/{SYSTEM_NS}/leases/{OPERATOR}")
-    # Stragglers (a test that failed half-way): without an operator their finalizer would
-    # never go, so drop it; owner references take their token Secrets away.
+    # Stragglers of a test that failed half-way (owner references take their token
+    # Secrets away).
     for t in kube.items(f"{TUNNELS}/tcptunnels"):
         meta = t["metadata"]
         if meta["namespace"].startswith("t-") or meta["namespace"] == SYSTEM_NS:
-            path = kube.tunnel_path(meta["namespace"], meta["name"])
-            kube.delete(path)
-            try:
-                kube.merge_patch(path, {"metadata": {"finalizers": None}})
-            except ApiError as e:
-                if e.status != 404:
-                    raise
+            kube.delete(kube.tunnel_path(meta["namespace"], meta["name"]))
 
 
 @pytest.fixture(scope="session")
@@ -244,53 +235,11 @@ def host_relay(bins, relay_secrets, artifacts):
 # ---------------------------------------------------------------- namespaces
 
 
-def _ns_name(request) -> str:
-    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower().replace("test_", "", 1)).strip("-")
-    return f"t-{base[:40].strip('-')}-{secrets.token_hex(2)}"
-
-
-class Namespaces:
-    def __init__(self, kube: Kube, request):
-        self.kube = kube
-        self.request = request
-        self.created: list[str] = []
-
-    def create(self, labels: dict | None = None, suffix: str = "") -> str:
-        name = _ns_name(self.request) + suffix
-        self.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                                  "metadata": {"name": name, "labels": labels or {}}})
-        self.created.append(name)
-
-        # Pods can be created only once the ServiceAccount admission finds "default"
-        # (its token is requested per pod: projected volume, no token Secret).
-        wait_for(lambda: self.kube.get_opt(self.kube.core(name, "serviceaccounts", "default")),
-                 timeout=30, what=f"ServiceAccount {name}/default")
-        return name
-
-    def cleanup(self, operator_running: bool) -> None:
-        for name in self.created:
-            try:
-                tunnels = self.kube.items(self.kube.tunnel_path(name))
-            except ApiError:
-                tunnels = []
-            for t in tunnels:
-                self.kube.delete(self.kube.tunnel_path(name, t["metadata"]["name"]))
-            if tunnels and operator_running:
-                # Let the operator release the ports now, so later tests see a quiet relay
-                # Service (and a broken finalizer shows up here rather than later).
-                try:
-                    wait_for(lambda: not self.kube.items(self.kube.tunnel_path(name)), timeout=30,
-                             what=f"the TcpTunnels of {name} to be finalized")
-                except AssertionError as e:
-                    print(f"warning: {e}", file=sys.stderr)
-            self.kube.delete(f"/api/v1/namespaces/{name}")
-
-
 @pytest.fixture
 def namespaces(kube, request, operator_session):
-    spaces = Namespaces(kube, request)
+    spaces = Namespaces(kube, request.node.name, "t")
     yield spaces
-    spaces.cleanup(operator_session.running())
+    spaces.cleanup()
 
 
 @pytest.fixture
@@ -322,11 +271,13 @@ class Tunnels:
                         describe=lambda: tunnel_summary(holder.get("t")))
 
     def wait_port(self, ns: str, name: str, timeout: float = 30) -> dict:
-        """Until the tunnel has its port and token Secret (Ready or AwaitingAddress)."""
+        """Until the tunnel is Provisioned: port assigned, token Secret written, relay
+        Service carrying the port."""
         return self.wait(
             ns, name,
-            lambda t: (t.get("status") or {}).get("remotePort") and (t.get("status") or {}).get("tokenSecret"),
-            "status.remotePort and status.tokenSecret set", timeout,
+            lambda t: is_provisioned(t) and (t.get("status") or {}).get("remotePort")
+            and (t.get("status") or {}).get("tokenSecret"),
+            "Provisioned=True with status.remotePort and status.tokenSecret", timeout,
         )
 
     def wait_reason(self, ns: str, name: str, reason: str, status: str | None = None, timeout: float = 30) -> dict:
@@ -340,6 +291,20 @@ class Tunnels:
 @pytest.fixture(scope="session")
 def tunnels(kube) -> Tunnels:
     return Tunnels(kube)
+
+
+# ---------------------------------------------------------------- order
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked session_end(n) run after all others, by n, whatever the file order
+    or selection: the operator's whole-session log is read after everything else ran,
+    and `helm uninstall` ends the session."""
+    def order(item):
+        marker = item.get_closest_marker("session_end")
+        return (1, marker.args[0]) if marker else (0, 0)
+
+    items.sort(key=order)  # stable: the others keep their order
 
 
 # ---------------------------------------------------------------- failure reports

@@ -1,6 +1,6 @@
-"""Small helpers for the Kubernetes end-to-end tests: a REST client for the API server
-(token auth from the session kubeconfig, stdlib only), kubectl, polling, JWTs, child
-processes and TCP echo servers."""
+"""Helpers shared by the Kubernetes suites (tests/k8s and tests/cluster): a REST client
+for the API server (token auth from the session kubeconfig, stdlib only), kubectl,
+polling, JWTs, child processes, TCP echo servers and the manifests both suites create."""
 from __future__ import annotations
 
 import base64
@@ -36,6 +36,9 @@ CLIENT_IMAGE = "ghcr.io/localup-dev/localup-client:0.1.0"
 # An image every node of scripts/k8s/cluster.sh has (pods need not run for these tests);
 # its DIR/env names it.
 POD_IMAGE = os.environ.get("PAUSE_IMAGE") or "localhost/pause:3.10.2"
+
+# The operator's --port-quarantine in the tests (seconds).
+QUARANTINE_SECONDS = 8
 
 GROUP = "localup.dev"
 VERSION = "v1alpha1"
@@ -227,8 +230,15 @@ class Kube:
 # ---------------------------------------------------------------- TcpTunnels
 
 
-def tunnel_manifest(name: str, labels: dict, port: int, remote_port: int | None = None) -> dict:
-    spec: dict = {"selector": {"matchLabels": labels}, "port": port}
+SIDECAR = "localup-client"
+PROVISIONED = "Provisioned"
+READY = "Ready"
+
+
+def tunnel_manifest(name: str, labels: dict, port: int, remote_port: int | None = None, **spec_fields) -> dict:
+    """A TcpTunnel selecting `labels`; extra spec fields (proxyProtocol, limits, ...) as
+    keyword arguments."""
+    spec: dict = {"selector": {"matchLabels": labels}, "port": port, **spec_fields}
     if remote_port is not None:
         spec["remotePort"] = remote_port
     return {
@@ -239,11 +249,26 @@ def tunnel_manifest(name: str, labels: dict, port: int, remote_port: int | None 
     }
 
 
-def ready_condition(tunnel: dict | None) -> dict:
+def condition(tunnel: dict | None, type_: str) -> dict:
     for c in ((tunnel or {}).get("status") or {}).get("conditions") or []:
-        if c.get("type") == "Ready":
+        if c.get("type") == type_:
             return c
     return {}
+
+
+def ready_condition(tunnel: dict | None) -> dict:
+    return condition(tunnel, READY)
+
+
+def is_provisioned(tunnel: dict | None) -> bool:
+    """Port assigned, token Secret written, relay Service carrying the port: the
+    webhook injects the tunnel's sidecar only from then on."""
+    return condition(tunnel, PROVISIONED).get("status") == "True"
+
+
+def is_ready(tunnel: dict | None) -> bool:
+    """Provisioned, public address known and every selected pod's sidecar joined."""
+    return ready_condition(tunnel).get("status") == "True"
 
 
 def tunnel_summary(tunnel: dict | None) -> str:
@@ -464,6 +489,29 @@ def helm(*args: str, kubeconfig: str | None = None, check: bool = True) -> subpr
     return proc
 
 
+def sidecar_of(pod: dict) -> dict | None:
+    """The injected localup-client container: a native sidecar (init container with
+    restartPolicy Always) or a plain container."""
+    spec = pod.get("spec") or {}
+    for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+        if c["name"] == SIDECAR:
+            return c
+    return None
+
+
+def container_names(pod: dict) -> list[str]:
+    """The app containers' names (spec.containers)."""
+    return [c["name"] for c in pod["spec"]["containers"]]
+
+
+def init_container_names(pod: dict) -> list[str]:
+    return [c["name"] for c in pod["spec"].get("initContainers") or []]
+
+
+def has_sidecar(pod: dict) -> bool:
+    return sidecar_of(pod) is not None
+
+
 def pod_manifest(name: str, labels: dict, extra_containers: list | None = None) -> dict:
     return {
         "apiVersion": "v1",
@@ -480,6 +528,61 @@ def pod_manifest(name: str, labels: dict, extra_containers: list | None = None) 
     }
 
 
+def deployment_manifest(name: str, labels: dict, containers: list[dict] | None = None, replicas: int = 1,
+                        grace: int = 0, **pod_spec) -> dict:
+    """A Deployment of `replicas` pods labelled `labels`; by default one container that
+    only needs to exist (the pause image)."""
+    containers = containers or [{"name": "app", "image": POD_IMAGE, "imagePullPolicy": "Never"}]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"terminationGracePeriodSeconds": grace, "automountServiceAccountToken": False,
+                         "containers": containers, **pod_spec},
+            },
+        },
+    }
+
+
+# ---------------------------------------------------------------- namespaces per test
+
+
+class Namespaces:
+    """Namespaces for one test, named after it (`<prefix>-<test>-<random>`); deleted
+    afterwards, their TcpTunnels first (no finalizer holds them: they go at once)."""
+
+    def __init__(self, kube: Kube, test_name: str, prefix: str):
+        self.kube = kube
+        base = re.sub(r"[^a-z0-9]+", "-", test_name.lower().replace("test_", "", 1)).strip("-")
+        self.base = f"{prefix}-{base[:40].strip('-')}-{os.urandom(2).hex()}"
+        self.created: list[str] = []
+
+    def create(self, labels: dict | None = None, suffix: str = "") -> str:
+        name = self.base + suffix
+        self.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                  "metadata": {"name": name, "labels": labels or {}}})
+        self.created.append(name)
+        # Pods can be created only once the ServiceAccount admission finds "default"
+        # (its token is requested per pod: projected volume, no token Secret).
+        wait_for(lambda: self.kube.get_opt(self.kube.core(name, "serviceaccounts", "default")),
+                 timeout=30, what=f"ServiceAccount {name}/default")
+        return name
+
+    def cleanup(self) -> None:
+        for name in self.created:
+            try:
+                for t in self.kube.items(self.kube.tunnel_path(name)):
+                    self.kube.delete(self.kube.tunnel_path(name, t["metadata"]["name"]))
+            except ApiError as e:
+                print(f"warning: cannot delete the TcpTunnels of {name}: {e}", file=sys.stderr)
+            self.kube.delete(f"/api/v1/namespaces/{name}")
+
+
 # ---------------------------------------------------------------- the operator as a host process
 
 
@@ -487,18 +590,20 @@ def target_dir() -> Path:
     return Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
 
 
-def service_account_kubeconfig(kube: Kube, ns: str, sa: str, path: Path) -> Path:
-    """A kubeconfig with a token of ServiceAccount ns/sa. Since Kubernetes 1.24 no token
-    Secret is created for a ServiceAccount: the token comes from the TokenRequest API
-    (what `kubectl create token` does), valid for a day - longer than any test run."""
+def service_account_token(ns: str, sa: str, duration: str = "24h") -> str:
+    """A token of ServiceAccount ns/sa from the TokenRequest API (`kubectl create
+    token`); no token Secret is involved (none is created for ServiceAccounts)."""
     def token():
-        if kube.get_opt(kube.core(ns, "serviceaccounts", sa)) is None:
-            return None
-        request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                   "spec": {"expirationSeconds": 86400}}
-        return kube.create(kube.core(ns, "serviceaccounts", sa) + "/token", request)["status"]["token"]
+        proc = kubectl("create", "token", sa, "-n", ns, f"--duration={duration}", check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else None
 
-    value = wait_for(token, timeout=30, what=f"a token of ServiceAccount {ns}/{sa}")
+    return wait_for(token, timeout=30, what=f"a token of ServiceAccount {ns}/{sa} (kubectl create token)")
+
+
+def service_account_kubeconfig(kube: Kube, ns: str, sa: str, path: Path) -> Path:
+    """A kubeconfig with a token of ServiceAccount ns/sa, valid for a day (longer than
+    any test run)."""
+    value = service_account_token(ns, sa)
     config = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -542,7 +647,10 @@ class Operator:
             *(extra_args or []),
         ]
         env = dict(os.environ)
-        env.update(KUBECONFIG=str(kubeconfig), POD_NAMESPACE=SYSTEM_NS, 
+        # A short quarantine of released ports (the default is 10 minutes), so tests can
+        # watch a port rest and then go to another tunnel; a flag in extra_args wins.
+        env.update(KUBECONFIG=str(kubeconfig), POD_NAMESPACE=SYSTEM_NS,
+                   LOCALUP_PORT_QUARANTINE=f"{QUARANTINE_SECONDS}s",
                    LOCALUP_LOG=os.environ.get("LOCALUP_OPERATOR_LOG", "info"))
         self.process = Process(name, argv, log_dir, env)
 

@@ -47,7 +47,9 @@ def test_relay_release_objects(kube, releases):
     assert svc, f"Service {SYSTEM_NS}/{RELAY} missing"
     assert svc["spec"]["type"] == "LoadBalancer"
     own = [p for p in svc["spec"]["ports"] if not p.get("name", "").startswith("tunnel-")]
-    assert [(p["name"], p["port"], p["protocol"]) for p in own] == [("quic", CONTROL_PORT, "UDP")], own
+    assert [(p["name"], p["port"], p["protocol"]) for p in own] == [
+        ("quic", CONTROL_PORT, "UDP"), ("control-tcp", CONTROL_PORT, "TCP")], own
+    assert svc["spec"]["allocateLoadBalancerNodePorts"] is False
 
     admin = kube.service(SYSTEM_NS, f"{RELAY}-admin")
     assert admin and admin["spec"]["type"] == "ClusterIP"
@@ -85,7 +87,7 @@ def test_relay_release_objects(kube, releases):
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert {p["name"]: (p["containerPort"], p["protocol"]) for p in c["ports"]} == {
-        "quic": (CONTROL_PORT, "UDP"), "admin": (9090, "TCP")}
+        "quic": (CONTROL_PORT, "UDP"), "control-tcp": (CONTROL_PORT, "TCP"), "admin": (9090, "TCP")}
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] and sc["runAsUser"] == 65532 and sc["readOnlyRootFilesystem"]
     assert sc["capabilities"]["drop"] == ["ALL"] and sc["allowPrivilegeEscalation"] is False
@@ -96,7 +98,8 @@ def test_relay_release_objects(kube, releases):
 def test_operator_release_objects(kube, releases, webhook_url):
     crd = kube.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/tcptunnels.localup.dev")
     version = crd["spec"]["versions"][0]
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Port", "Endpoint", "Ready", "Age"]
+    columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
+    assert columns == ["Port", "Endpoint", "Clients", "Ready", "Age"], version["additionalPrinterColumns"]
 
     assert kube.get_opt(kube.core(SYSTEM_NS, "serviceaccounts", OPERATOR)), "ServiceAccount missing"
     dep = kube.get(kube.apps(SYSTEM_NS, "deployments", OPERATOR))
@@ -123,6 +126,9 @@ def test_operator_release_objects(kube, releases, webhook_url):
         "LOCALUP_LEADER_LEASE": OPERATOR,
         "LOCALUP_LOG_FORMAT": "text",
         "LOCALUP_WEBHOOK_URL": webhook_url,
+        "LOCALUP_TOKEN_LIFETIME": "30d",
+        "LOCALUP_PORT_QUARANTINE": "10m",
+        "LOCALUP_SIDECAR_MODE": "auto",
     }
     for key, value in expected.items():
         assert env.get(key) == value, f"{key}: {env.get(key)!r} != {value!r}"
@@ -144,34 +150,51 @@ def test_operator_release_objects(kube, releases, webhook_url):
     assert hook["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
                               "resources": ["pods"], "scope": "Namespaced"}]
     assert hook["namespaceSelector"] == {"matchExpressions": [
-        {"key": "localup.dev/injection", "operator": "NotIn", "values": ["disabled"]}]}
+        {"key": "localup.dev/injection", "operator": "NotIn", "values": ["disabled"]},
+        {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", SYSTEM_NS]}]}
 
 
-# (verb, resource, namespace or None for --all-namespaces, expected)
+# (verb, resource[/name], namespace or None for --all-namespaces, expected)
 RBAC = [
     ("list", "tcptunnels.localup.dev", None, True),
     ("watch", "tcptunnels.localup.dev", None, True),
     ("patch", "tcptunnels.localup.dev", "default", True),
     ("patch", "tcptunnels.localup.dev/status", "default", True),
-    ("update", "tcptunnels.localup.dev/finalizers", "default", True),
+    ("update", "tcptunnels.localup.dev/finalizers", "default", False),
     ("delete", "tcptunnels.localup.dev", "default", False),
     ("create", "tcptunnels.localup.dev", "default", False),
+    # Token Secrets are applied, never read back.
     ("create", "secrets", "default", True),
-    ("delete", "secrets", "default", True),
-    ("list", "secrets", None, True),
-    ("patch", "deployments.apps", "default", True),
-    ("delete", "deployments.apps", "default", False),
-    ("create", "pods", "default", False),
-    ("list", "pods", None, False),
-    ("create", "events.events.k8s.io", "default", True),
-    ("create", "events", "default", True),
-    ("update", "services", SYSTEM_NS, True),
-    ("watch", "services", SYSTEM_NS, True),
+    ("patch", "secrets", "default", True),
+    ("get", "secrets", "default", False),
+    ("get", "secrets", "kube-system", False),
+    ("list", "secrets", None, False),
+    ("delete", "secrets", "default", False),
+    # The relay's two Secrets and its Service, by name.
+    ("get", f"secrets/{RELAY}-jwt", SYSTEM_NS, True),
+    ("get", f"secrets/{RELAY}-tls", SYSTEM_NS, True),
+    ("get", f"secrets/{RELAY}-admin-token", SYSTEM_NS, False),
+    ("get", f"secrets/{OPERATOR}-webhook-tls", SYSTEM_NS, True),
+    ("patch", f"services/{RELAY}", SYSTEM_NS, True),
+    ("watch", f"services/{RELAY}", SYSTEM_NS, True),
+    ("patch", f"services/{RELAY}-admin", SYSTEM_NS, False),
     ("update", "services", "default", False),
     ("delete", "services", SYSTEM_NS, False),
+    ("patch", "deployments.apps", "default", True),
+    ("patch", "statefulsets.apps", "default", True),
+    ("patch", "daemonsets.apps", "default", True),
+    ("get", "replicasets.apps", "default", True),
+    ("delete", "deployments.apps", "default", False),
+    ("patch", "replicasets.apps", "default", False),
+    ("create", "pods", "default", False),
+    ("delete", "pods", "default", False),
+    ("list", "pods", None, True),
+    ("create", "events.events.k8s.io", "default", True),
     ("create", "leases.coordination.k8s.io", SYSTEM_NS, True),
-    ("update", "leases.coordination.k8s.io", SYSTEM_NS, True),
+    ("update", f"leases.coordination.k8s.io/{OPERATOR}", SYSTEM_NS, True),
+    ("update", "leases.coordination.k8s.io/someone-elses", SYSTEM_NS, False),
     ("create", "leases.coordination.k8s.io", "default", False),
+    ("get", "namespaces", None, False),
     ("create", "namespaces", None, False),
     ("delete", "mutatingwebhookconfigurations.admissionregistration.k8s.io", None, False),
     ("create", "validatingwebhookconfigurations.admissionregistration.k8s.io", None, False),

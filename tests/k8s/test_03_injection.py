@@ -1,7 +1,9 @@
 """The mutating webhook (served by the host-process operator at --webhook-url, called by
 the real API server): which pods get the localup-client sidecar, and what it looks like.
 Also the operator's webhook certificate and registration, and Deployments rolled when a
-tunnel gets (or loses) its port."""
+tunnel gets (or loses) its port. Every "left alone" case has a positive control beside
+it: a pod the same tunnel does inject, created at the same time, so a webhook that
+never injects fails here."""
 from __future__ import annotations
 
 import base64
@@ -9,14 +11,20 @@ import subprocess
 
 from helpers import (
     CLIENT_IMAGE,
+    CONTROL_PORT,
     OPERATOR,
     POD_IMAGE,
+    RELAY,
+    SIDECAR,
     SYSTEM_NS,
+    container_names,
+    deployment_manifest,
+    has_sidecar,
+    init_container_names,
     pod_manifest,
+    sidecar_of,
     wait_for,
 )
-
-SIDECAR = "localup-client"
 
 
 def create_pod(kube, ns: str, name: str, labels: dict, extra_containers: list | None = None) -> dict:
@@ -24,15 +32,21 @@ def create_pod(kube, ns: str, name: str, labels: dict, extra_containers: list | 
     return kube.create(kube.core(ns, "pods"), pod_manifest(name, labels, extra_containers))
 
 
-def container_names(pod: dict) -> list[str]:
-    return [c["name"] for c in pod["spec"]["containers"]]
-
-
 def assert_untouched(pod: dict, containers: list[str]) -> None:
     assert container_names(pod) == containers, f"containers changed: {container_names(pod)}"
+    assert SIDECAR not in init_container_names(pod), f"init containers changed: {init_container_names(pod)}"
     assert "localup.dev/tunnel" not in (pod["metadata"].get("annotations") or {}), pod["metadata"]
     assert not any(v["name"].startswith("localup") for v in pod["spec"].get("volumes") or []
                    ), pod["spec"].get("volumes")
+
+
+def assert_injected(pod: dict, tunnel: str) -> None:
+    """The native sidecar: first init container, restartPolicy Always (the API server
+    is 1.29 or newer, so the operator's --sidecar-mode auto picks it)."""
+    assert init_container_names(pod)[:1] == [SIDECAR], f"sidecar not injected: init {init_container_names(pod)}"
+    assert sidecar_of(pod)["restartPolicy"] == "Always"
+    assert SIDECAR not in container_names(pod)
+    assert pod["metadata"]["annotations"]["localup.dev/tunnel"] == tunnel
 
 
 def test_operator_webhook_certificate_and_registration(kube, op, webhook_url, cluster):
@@ -54,33 +68,40 @@ def test_operator_webhook_certificate_and_registration(kube, op, webhook_url, cl
 
 def test_matching_pod_gets_the_sidecar(kube, op, ns, tunnels):
     tunnels.create(ns, "db", labels={"app": "db"}, port=5432, remote_port=19101)
-    tunnels.wait_port(ns, "db")
+    status = tunnels.wait_port(ns, "db")["status"]
     token = kube.secret_data(ns, "db-localup-token")["token"].decode()
+    cluster_ip = kube.service(SYSTEM_NS, RELAY)["spec"]["clusterIP"]
 
     pod = create_pod(kube, ns, "db-0", {"app": "db", "tier": "data"})
-    assert container_names(pod) == ["app", SIDECAR], f"sidecar not injected: {container_names(pod)}"
-    assert pod["metadata"]["annotations"]["localup.dev/tunnel"] == "db"
-    side = pod["spec"]["containers"][1]
+    assert_injected(pod, "db")
+    assert container_names(pod) == ["app"]
+    assert pod["metadata"]["labels"]["localup.dev/tunnel"] == "db"
+    assert pod["metadata"]["annotations"]["localup.dev/sidecar"] == (
+        f"remotePort=19101,port=5432,relay={cluster_ip}:{CONTROL_PORT}")
+    side = sidecar_of(pod)
     assert side["image"] == CLIENT_IMAGE
     assert side["args"] == ["--port", "5432", "--protocol", "tcp", "--remote-port", "19101"], side["args"]
     assert "command" not in side, "the client image's ENTRYPOINT (/localup) must run"
-    env = {e["name"]: e for e in side["env"]}
-    for name, key in (("LOCALUP_RELAY", "relay"), ("LOCALUP_TOKEN", "token")):
-        assert "value" not in env[name], f"{name} must come from the Secret, not be inlined"
-        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "db-localup-token"
-        assert env[name]["valueFrom"]["secretKeyRef"]["key"] == key
-    assert env["LOCALUP_RELAY_CA"]["value"] == "/etc/localup/ca.crt"
+    env = {e["name"]: e.get("value") for e in side["env"]}
+    assert env["LOCALUP_RELAY"] == status["relayAddress"] == f"{cluster_ip}:{CONTROL_PORT}"
+    # The token is a file of the mounted Secret, re-read by the client when renewed.
+    assert env["LOCALUP_TOKEN_FILE"] == "/etc/localup/token"
+    assert env["LOCALUP_RELAY_CA"] == "/etc/localup/ca.crt"
+    assert "LOCALUP_TOKEN" not in env, "the token must not be an environment variable"
     assert token not in str(pod), "the token must never appear in the pod spec"
     (mount,) = side["volumeMounts"]
     assert mount["mountPath"] == "/etc/localup" and mount.get("readOnly") is True
     volume = {v["name"]: v for v in pod["spec"]["volumes"]}[mount["name"]]
     assert volume["secret"]["secretName"] == "db-localup-token"
-    assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt"]
+    assert not volume["secret"].get("items"), "the whole Secret (token and ca.crt) is mounted"
+    health = int(env["LOCALUP_HEALTH_ADDR"].rsplit(":", 1)[1])
+    assert side["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": health, "scheme": "HTTP"}
     sc = side.get("securityContext") or {}
     assert sc.get("runAsNonRoot") and sc.get("readOnlyRootFilesystem"), sc
+    assert sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault", sc
     # What the API server stored is what it answered.
     stored = kube.get(kube.core(ns, "pods", "db-0"))
-    assert container_names(stored) == ["app", SIDECAR]
+    assert_injected(stored, "db")
 
 
 def test_pods_the_tunnels_must_not_touch(kube, op, namespaces, tunnels):
@@ -88,6 +109,8 @@ def test_pods_the_tunnels_must_not_touch(kube, op, namespaces, tunnels):
     other = namespaces.create(suffix="-other")
     tunnels.create(ns, "db", labels={"app": "db"}, port=5432, remote_port=19102)
     tunnels.wait_port(ns, "db")
+    # Positive control first: the tunnel injects the pods it selects.
+    assert_injected(create_pod(kube, ns, "db-1", {"app": "db"}), "db")
 
     # Matching no selector.
     assert_untouched(create_pod(kube, ns, "web", {"app": "web"}), ["app"])
@@ -100,15 +123,19 @@ def test_pods_the_tunnels_must_not_touch(kube, op, namespaces, tunnels):
     pod = create_pod(kube, ns, "db-own", {"app": "db"}, [own])
     assert_untouched(pod, ["app", SIDECAR])
     assert pod["spec"]["containers"][1]["args"] == ["mine"]
-    # And the matching one next to them does get it (the webhook was alive throughout).
-    assert container_names(create_pod(kube, ns, "db-1", {"app": "db"})) == ["app", SIDECAR]
+    # And a matching one created after them does get it (the webhook was alive throughout).
+    assert_injected(create_pod(kube, ns, "db-2", {"app": "db"}), "db")
 
 
 def test_opted_out_and_operator_namespaces_are_never_injected(kube, op, namespaces, tunnels):
     disabled = namespaces.create(labels={"localup.dev/injection": "disabled"})
-    tunnels.create(disabled, "db", labels={"app": "db"}, remote_port=19103)
-    tunnels.wait_port(disabled, "db")
+    enabled = namespaces.create(suffix="-on")
+    for namespace, port in ((disabled, 19103), (enabled, 19105)):
+        tunnels.create(namespace, "db", labels={"app": "db"}, remote_port=port)
+        tunnels.wait_port(namespace, "db")
     assert_untouched(create_pod(kube, disabled, "db-0", {"app": "db"}), ["app"])
+    # Positive control: the same tunnel in a namespace without the label injects.
+    assert_injected(create_pod(kube, enabled, "db-0", {"app": "db"}), "db")
 
     # The operator's own namespace: a tunnel there still gets its port, but no pod of
     # that namespace is ever changed.
@@ -123,31 +150,15 @@ def test_opted_out_and_operator_namespaces_are_never_injected(kube, op, namespac
         wait_for(lambda: kube.tunnel(SYSTEM_NS, name) is None, timeout=30, what=f"{SYSTEM_NS}/{name} deleted")
 
 
-def test_pods_created_before_the_tunnel_has_a_port_are_admitted_unchanged(kube, op, ns, tunnels):
-    # A tunnel that cannot get its port (out of range) does not inject.
+def test_pods_of_a_tunnel_without_a_port_are_admitted_unchanged(kube, op, ns, tunnels):
+    # A tunnel that cannot get its port (out of range) does not inject...
     tunnels.create(ns, "nope", labels={"app": "db"}, remote_port=80)
     tunnels.wait_reason(ns, "nope", "PortOutOfRange")
+    # ... while one in the same namespace that has its port does (positive control).
+    tunnels.create(ns, "yes", labels={"app": "cache"}, remote_port=19106)
+    tunnels.wait_port(ns, "yes")
     assert_untouched(create_pod(kube, ns, "db-0", {"app": "db"}), ["app"])
-
-
-def deployment(name: str, labels: dict) -> dict:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "terminationGracePeriodSeconds": 0,
-                    "automountServiceAccountToken": False,
-                    "containers": [{"name": "app", "image": POD_IMAGE, "imagePullPolicy": "Never"}],
-                },
-            },
-        },
-    }
+    assert_injected(create_pod(kube, ns, "cache-0", {"app": "cache"}), "yes")
 
 
 def template_annotations(kube, ns: str, name: str) -> dict:
@@ -156,35 +167,37 @@ def template_annotations(kube, ns: str, name: str) -> dict:
 
 
 def test_deployments_are_rolled_onto_and_off_the_sidecar(kube, op, ns, tunnels):
-    kube.create(kube.apps(ns, "deployments"), deployment("web", {"app": "web"}))
-    kube.create(kube.apps(ns, "deployments"), deployment("other", {"app": "other"}))
+    kube.create(kube.apps(ns, "deployments"), deployment_manifest("web", {"app": "web"}))
+    kube.create(kube.apps(ns, "deployments"), deployment_manifest("other", {"app": "other"}))
     # Its first pod, created before any tunnel: no sidecar.
     first = wait_for(lambda: kube.items(kube.core(ns, "pods"), labelSelector="app=web"), timeout=30,
                      what="the Deployment's first pod")
-    assert container_names(first[0]) == ["app"]
+    assert not has_sidecar(first[0])
 
-    tunnels.create(ns, "web", labels={"app": "web"}, port=8080, remote_port=19105)
+    tunnels.create(ns, "web", labels={"app": "web"}, port=8080, remote_port=19107)
     tunnels.wait_port(ns, "web")
     key = "tunnels.localup.dev/web"
-    wait_for(lambda: template_annotations(kube, ns, "web").get(key) == "19105", timeout=30,
-             what=f"pod-template annotation {key}: \"19105\" on Deployment web",
+    wait_for(lambda: template_annotations(kube, ns, "web").get(key) == "19107", timeout=30,
+             what=f"pod-template annotation {key}: \"19107\" on Deployment web",
              describe=lambda: str(template_annotations(kube, ns, "web")))
+    assert "localup.dev/restartedAt" in template_annotations(kube, ns, "web")
     assert key not in template_annotations(kube, ns, "other"), "a Deployment the tunnel does not select was rolled"
 
     def injected_pod():
         pods = kube.items(kube.core(ns, "pods"), labelSelector="app=web")
-        return [p for p in pods if SIDECAR in container_names(p)]
+        return [p for p in pods if has_sidecar(p)]
 
     def pods_now():
         return "pods: " + "; ".join(
-            f"{p['metadata']['name']} (created {p['metadata']['creationTimestamp']}) containers={container_names(p)} "
+            f"{p['metadata']['name']} (created {p['metadata']['creationTimestamp']}) "
+            f"init={init_container_names(p)} containers={container_names(p)} "
             f"annotations={p['metadata'].get('annotations')}"
             for p in kube.items(kube.core(ns, "pods"), labelSelector="app=web"))
 
     (pod,) = wait_for(injected_pod, timeout=30, what="a new pod of Deployment web with the sidecar",
                       describe=pods_now)
-    assert pod["metadata"]["annotations"]["localup.dev/tunnel"] == "web"
-    assert pod["spec"]["containers"][1]["args"][-1] == "19105"
+    assert_injected(pod, "web")
+    assert sidecar_of(pod)["args"][-1] == "19107"
     events = {e["reason"] for e in kube.events(ns, "web")}
     assert "RolledOut" in events, events
 
@@ -203,6 +216,7 @@ def test_deployments_are_rolled_onto_and_off_the_sidecar(kube, op, ns, tunnels):
             return None
         hash_ = rs[0]["metadata"]["labels"]["pod-template-hash"]
         pods = kube.items(kube.core(ns, "pods"), labelSelector=f"app=web,pod-template-hash={hash_}")
-        return pods and all(container_names(p) == ["app"] for p in pods)
+        return pods and all(not has_sidecar(p) for p in pods)
 
-    wait_for(rolled_back, timeout=30, what="the Deployment's newest pods to come without the sidecar")
+    wait_for(rolled_back, timeout=30, what="the Deployment's newest pods to come without the sidecar",
+             describe=pods_now)

@@ -1,7 +1,7 @@
-"""The injected sidecar really works: the container spec the webhook produced, with its
-environment resolved from the token Secret exactly as the kubelet would, run as the real
-client binary against a relay process on loopback; bytes move through the assigned port
-to a local server standing in for the pod's service."""
+"""The injected sidecar really works: the container spec the webhook produced, with the
+token Secret written out as the kubelet mounts it (token and ca.crt files), run as the
+real client binary against a relay process on loopback; bytes move through the assigned
+port to a local server standing in for the pod's service."""
 from __future__ import annotations
 
 import os
@@ -14,6 +14,7 @@ from helpers import (
     echo_roundtrip,
     free_port,
     pod_manifest,
+    sidecar_of,
     wait_for,
 )
 
@@ -64,14 +65,17 @@ def test_injected_sidecar_tunnels_bytes_through_the_relay(kube, op, ns, tunnels,
         assert PORT_RANGE[0] <= remote <= PORT_RANGE[1]
 
         pod = kube.create(kube.core(ns, "pods"), pod_manifest("echo-0", {"app": "echo"}))
-        (side,) = [c for c in pod["spec"]["containers"] if c["name"] == "localup-client"]
+        side = sidecar_of(pod)
+        assert side, f"no sidecar injected: {pod['spec']}"
         mounts = materialize_volumes(kube, ns, pod, side, tmp_path)
         env = resolve_env(kube, ns, side, mounts)
-        # The one substitution: the Secret names the relay Service's cluster IP; the relay
-        # runs on loopback here.
+        # The substitutions: the sidecar dials the relay Service's cluster IP, the relay
+        # runs on loopback here; its health port is the pod's own, here any free one.
         assert env["LOCALUP_RELAY"].endswith(":4443"), env["LOCALUP_RELAY"]
         env["LOCALUP_RELAY"] = host_relay["addr"]
+        env["LOCALUP_HEALTH_ADDR"] = f"127.0.0.1:{free_port()}"
         assert os.path.exists(env["LOCALUP_RELAY_CA"]), env["LOCALUP_RELAY_CA"]
+        assert os.path.exists(env["LOCALUP_TOKEN_FILE"]), env["LOCALUP_TOKEN_FILE"]
 
         home = tmp_path / "home"
         home.mkdir()

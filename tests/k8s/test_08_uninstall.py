@@ -1,13 +1,18 @@
-"""Runs last: `helm uninstall` takes away what the charts installed, also after the
-operator has server-side-applied its caBundle into the webhook configuration."""
+"""The session's last test (see `session_end` in conftest.py): `helm uninstall` takes
+away what the charts installed, also after the operator has server-side-applied its
+caBundle into the webhook configuration. Nothing can run after it: the releases are
+gone."""
 from __future__ import annotations
+
+import pytest
 
 from helpers import OPERATOR, RELAY, SYSTEM_NS, helm, wait_for
 
 MWC = f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{OPERATOR}"
 
 
-def test_helm_uninstall_removes_the_charts_objects(kube, operator_session, releases):
+@pytest.mark.session_end(2)
+def test_helm_uninstall_removes_the_charts_objects(kube, op, operator_session, releases):
     mwc = kube.get(MWC)
     assert mwc["webhooks"][0]["clientConfig"].get("caBundle"), "the operator should have registered its caBundle"
     operator_session.stop()  # as scaling the Deployment away would

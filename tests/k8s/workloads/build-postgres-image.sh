@@ -60,7 +60,7 @@ USER 999:999
 EXPOSE 5432
 ENTRYPOINT ["/entrypoint.sh"]
 EOF2
-# The sandbox's default ulimits exceed what podman may set here (see TESTBED.md).
+# The default ulimits here exceed what podman may set, so lower ones are given.
 podman build -q --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 -t "$IMAGE" "$CTX" >/dev/null
 rm -f "$OUT.tmp"
 podman save --format oci-archive -o "$OUT.tmp" "$IMAGE"
