@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install the benchmark peers (idempotent): iperf3 + socat from apt, and
 # bore-cli 0.6.0, rathole 0.5.0 (noise transport, no OpenSSL), rusnel 0.11.2
-# from crates.io into $PEERS_DIR/bin (default ~/.cache/localup-peers/bin).
-# LocalUp (the reference implementation) is not on crates.io: where you have its binary, put it
+# with cargo install into $PEERS_DIR/bin (default ~/.cache/localup-peers/bin).
+# LocalUp (the reference implementation) is not published as a crate: where you have its binary, put it
 # at $PEERS_DIR/bin/localup or point LOCALUP_BIN at it, and run.sh adds its row.
 set -euo pipefail
 PEERS_DIR=${PEERS_DIR:-$HOME/.cache/localup-peers}

@@ -2,13 +2,17 @@
 # Installs, once, what building and testing localup needs on Debian: real servers and
 # clients for the end-to-end tests (PostgreSQL, Redis, OpenSSH, nginx for the PROXY
 # protocol), iperf3 and socat for the benchmark, podman and runc for the images,
-# iptables for the network-fault tests. Re-running is a no-op.
+# iptables for the network-fault tests, and what the one-node Kubernetes and the static
+# images are built with. Re-running is a no-op.
 set -euo pipefail
 
 packages=(
   build-essential pkg-config curl jq socat iperf3 lsof psmisc procps iproute2
   postgresql postgresql-client redis-server redis-tools openssh-server openssh-client
   nginx podman runc python3-venv iptables
+  # Built in the background by scripts/test.sh, which must not wait on apt's lock: the
+  # static images (musl-tools), runc (libseccomp-dev), the node (the rest).
+  musl-tools gcc libc6-dev libseccomp-dev busybox-static conntrack kmod openssl
 )
 
 missing=()
