@@ -288,8 +288,17 @@ is_ours() {
 # shellcheck disable=SC2013  # one pid per line, no spaces
 our_pids() { local p; for p in $(cat "$1/pids" 2>/dev/null); do if is_ours "$p" "$1"; then echo "$p"; fi; done; }
 all_dead() { [ -z "$(our_pids "$1")" ]; }
+# While starting, the pids were just written by this script, and a daemon forked a moment
+# ago may not have exec'ed yet (its command line is still this script's, without DIR/):
+# only whether each is alive counts here, not is_ours.
 # shellcheck disable=SC2013
-all_alive() { local p; for p in $(cat "$D/pids"); do is_ours "$p" "$D" || return 1; done; }
+all_alive() {
+  local p st
+  for p in $(cat "$D/pids"); do
+    st=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | cut -c1)
+    [ -n "$st" ] && [ "$st" != Z ] || return 1
+  done
+}
 
 # Remove what a previous run left in DIR (only our own file names, never DIR itself).
 wipe_state() {
@@ -318,7 +327,7 @@ start() {
   # Idempotent: a healthy cluster already running from DIR is reused.
   if [ -f "$D/pids" ] && [ -f "$D/env" ]; then
     A=$(sed -n 's/^APISERVER_PORT=//p' "$D/env")
-    if all_alive && node_ready; then log "already running in $D"; echo "$D"; return 0; fi
+    if [ -n "$(our_pids "$D")" ] && all_alive && node_ready; then log "already running in $D"; echo "$D"; return 0; fi
     log "stale cluster state in $D: stopping it first"
   fi
   if [ -f "$D/pids" ]; then stop "$D"; fi

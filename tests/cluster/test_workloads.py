@@ -133,7 +133,9 @@ def test_rollout_restart_and_scaling_lose_no_connection(kube, system, ns, report
     assert stream.total >= 200, f"too few connections to mean anything: {stream.summary()}"
 
 
-def test_a_statefulset_is_served(kube, system, ns):
+def test_a_statefulset_is_served_by_both_pods_and_rolls_without_a_failed_connection(kube, system, ns, report):
+    """Both pods of a StatefulSet serve, and a `kubectl rollout restart` (one pod at a
+    time, in order) loses not one connection of a client connecting every 50 ms."""
     labels = {"app": "ordered"}
     apply(ns, tunnel_manifest("ordered", labels, ECHO_PORT))
     kube.create(kube.core(ns, "services"), {
@@ -148,6 +150,23 @@ def test_a_statefulset_is_served(kube, system, ns):
     names: set[str] = set()
     wait_for(lambda: names.add(ask_name(host, port)) or names == {"ordered-0", "ordered-1"}, timeout=30,
              what="both StatefulSet pods to answer through the tunnel", describe=lambda: f"answers: {names}")
+
+    with Stream(host, port, interval=0.05, check="name") as stream:
+        wait_for(lambda: stream.ok >= 20, timeout=30, what="20 answers before the rollout",
+                 describe=stream.summary)
+        before = {p["metadata"]["uid"] for p in pods(kube, ns, labels)}
+        stream.mark("rollout restart")
+        kubectl("rollout", "restart", "-n", ns, "statefulset/ordered")
+        wait_for(lambda: not before & {p["metadata"]["uid"] for p in pods(kube, ns, labels)}, timeout=180,
+                 interval=0.5, what="both StatefulSet pods replaced", describe=lambda: describe_pods(kube, ns, labels))
+        kubectl("rollout", "status", "-n", ns, "statefulset/ordered", "--timeout=180s", timeout=200)
+        wait_serving(kube, ns, "ordered", labels, 2)
+        stream.mark("rollout done")
+        total_before = stream.total
+        wait_for(lambda: stream.total >= total_before + 20, timeout=30, what="20 more connections after the rollout")
+    report(f"connections during the StatefulSet rollout: {stream.summary()}; answers by pod: {stream.names}")
+    assert not stream.failures, f"{stream.summary()}"
+    assert stream.total >= 60, f"too few connections to mean anything: {stream.summary()}"
 
 
 def test_a_job_with_the_native_sidecar_completes(kube, system, ns):
