@@ -14,11 +14,11 @@ scripts/install-deps.sh
 
 # The Kubernetes binaries (built from their Go modules) and the container images take
 # most of a cold run to build and no test needs them before the last two suites: they
-# build in the background at the lowest CPU priority, on what the tests below leave
+# build in the background at the lowest CPU and I/O priority, on what the tests below leave
 # idle (waits for timeouts, blackholes and servers), and the tests keep their CPU.
 mkdir -p target/build-logs
 # A session of its own, so that a failing test stops the whole build with it.
-setsid nice -n 19 bash -c 'scripts/k8s/cluster.sh build && tests/charts/helm.sh && scripts/build-images.sh' \
+setsid nice -n 19 ionice -c 3 -t bash -c 'scripts/k8s/cluster.sh build && tests/charts/helm.sh && scripts/build-images.sh' \
   >target/build-logs/background.log 2>&1 &
 background_build=$!
 trap 'kill -- -"$background_build" 2>/dev/null || true' EXIT
