@@ -195,12 +195,20 @@ fn main() -> ExitCode {
 }
 
 async fn run_client(args: ClientArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // The tunnel stops taking new connections on a signal, or on /drain, which a pod's
+    // preStop hook calls before its app stops listening. After /drain the process keeps
+    // running until the signal: a native sidecar that exited would be started again.
+    let stop = shutdown.child_token();
     // The health endpoint answers from the start: alive, and not ready until the first
     // tunnel is up, so a liveness probe never restarts a client still reaching its relay.
     let tunnel_status: Arc<OnceLock<watch::Receiver<Status>>> = Arc::default();
     if let Some(addr) = args.health_addr {
         let listener = bind_health(addr).await?;
         let probed = Arc::clone(&tunnel_status);
+        let extra = match args.drain_token {
+            Some(_) => drain_route(stop.clone(), Arc::clone(&tunnel_status)),
+            None => axum::Router::new(),
+        };
         let router = http::router(Endpoints {
             readiness: Arc::new(
                 move || match probed.get().map(|status| status.borrow().clone()) {
@@ -208,17 +216,23 @@ async fn run_client(args: ClientArgs, shutdown: CancellationToken) -> anyhow::Re
                     Some(Status::Reconnecting { reason, .. }) => {
                         Err(format!("reconnecting: {reason}"))
                     }
+                    Some(Status::Draining { .. }) => {
+                        Err("draining: taking no new connections".to_owned())
+                    }
                     None => Err("connecting to the relay".to_owned()),
                 },
             ),
             metrics: None,
-            extra: Default::default(),
-            token: None,
+            extra,
+            token: args.drain_token.clone(),
         });
         tokio::spawn(http::serve(listener, router, shutdown.clone()));
     }
     let client = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
+        _ = stop.cancelled() => {
+            shutdown.cancelled().await;
+            return Ok(());
+        }
         client = Client::new(args.config()) => client?,
     };
     let mut status = client.status();
@@ -234,8 +248,38 @@ async fn run_client(args: ClientArgs, shutdown: CancellationToken) -> anyhow::Re
             }
         }
     });
-    client.serve(shutdown).await?;
+    client.serve(stop).await?;
+    if !shutdown.is_cancelled() {
+        tracing::info!("drained on request; exiting on the stop signal");
+        shutdown.cancelled().await;
+    }
     Ok(())
+}
+
+/// How long `/drain` waits for the tunnel to tell the relay before it answers anyway.
+const DRAIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `GET /drain`: stops the tunnel taking new connections, and answers once the relay has
+/// been told (at once when there is no tunnel), so that a preStop hook returns, and the
+/// kubelet stops the app, only after the relay sends this pod nothing new.
+fn drain_route(
+    stop: CancellationToken,
+    tunnel_status: Arc<OnceLock<watch::Receiver<Status>>>,
+) -> axum::Router {
+    axum::Router::new().route(
+        "/drain",
+        axum::routing::get(move || {
+            let (stop, tunnel_status) = (stop.clone(), Arc::clone(&tunnel_status));
+            async move {
+                stop.cancel();
+                if let Some(mut status) = tunnel_status.get().cloned() {
+                    let told = status.wait_for(|status| matches!(status, Status::Draining { .. }));
+                    let _ = tokio::time::timeout(DRAIN_ANSWER_TIMEOUT, told).await;
+                }
+                "draining: taking no new connections\n"
+            }
+        }),
+    )
 }
 
 async fn bind_health(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

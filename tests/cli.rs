@@ -4,6 +4,8 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener};
+use std::thread;
 use std::time::Duration;
 
 use common::*;
@@ -152,4 +154,84 @@ fn the_health_endpoint_answers_while_the_relay_is_still_unreachable() {
     let (status, body) = http_get(health, "/readyz");
     assert_eq!(status, 503, "not ready before a tunnel: {body}");
     assert!(process.is_running());
+}
+
+/// What a pod's preStop hook does before its app stops listening: `/drain`, with the
+/// drain token, takes the client out of its pool at once, so every new connection goes
+/// to the other client, and the drained client keeps running until it is signalled.
+#[test]
+fn drain_takes_a_client_out_of_its_pool_and_it_runs_until_signalled() {
+    let relay = Relay::start(10);
+    let health = free_tcp_port();
+    let token = pool_token("web");
+    let (mut drained, port) = Client::start(
+        &relay,
+        name_server("drained"),
+        &token,
+        &[
+            "--health-addr",
+            &format!("127.0.0.1:{health}"),
+            "--drain-token",
+            "let-me-drain",
+        ],
+    );
+    let (_other, other_port) = Client::start(
+        &relay,
+        name_server("other"),
+        &token,
+        &["--remote-port", &port.to_string()],
+    );
+    assert_eq!(other_port, port);
+    let answers = |count: usize| -> Vec<String> { (0..count).map(|_| ask_name(port)).collect() };
+    assert!(
+        answers(20).iter().any(|name| name == "drained"),
+        "both clients serve before the drain"
+    );
+
+    assert_eq!(http_get(health, "/drain").0, 401, "no token, no drain");
+    let wrong = [("Authorization", "Bearer not-it")];
+    assert_eq!(http_get_with(health, "/drain", &wrong).0, 401);
+    assert!(answers(10).iter().any(|name| name == "drained"));
+    let right = [("Authorization", "Bearer let-me-drain")];
+    let (status, body) = http_get_with(health, "/drain", &right);
+    assert_eq!(status, 200, "{body}");
+
+    let after = answers(20);
+    assert!(
+        after.iter().all(|name| name == "other"),
+        "new connections after the drain: {after:?}"
+    );
+    let (status, body) = http_get(health, "/readyz");
+    assert_eq!(
+        (status, body.trim()),
+        (503, "draining: taking no new connections")
+    );
+    assert!(
+        drained.process.is_running(),
+        "a drained client waits for its signal"
+    );
+    drained.process.signal("TERM");
+    let exit = drained.process.wait_exit(Duration::from_secs(15));
+    assert!(
+        exit.success(),
+        "SIGTERM after a drain exits cleanly: {exit:?}"
+    );
+}
+
+/// A service that answers each connection with `name` and closes it.
+fn name_server(name: &'static str) -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for mut stream in listener.incoming().map_while(Result::ok) {
+            let _ = stream.write_all(name.as_bytes());
+        }
+    });
+    port
+}
+
+fn ask_name(port: u16) -> String {
+    let mut name = String::new();
+    connect(port).read_to_string(&mut name).unwrap();
+    name
 }

@@ -83,6 +83,17 @@ pub struct ClientArgs {
     /// address, for probes
     #[arg(long, env = "LOCALUP_HEALTH_ADDR")]
     pub health_addr: Option<SocketAddr>,
+    /// Also serve GET /drain on --health-addr to requests carrying `Authorization:
+    /// Bearer TOKEN`: stop taking new connections and let open ones finish, as on
+    /// SIGTERM, but keep running until a signal. A pod's preStop hook calls it so the
+    /// relay stops sending connections before the app stops listening
+    #[arg(
+        long,
+        env = "LOCALUP_DRAIN_TOKEN",
+        hide_env_values = true,
+        requires = "health_addr"
+    )]
+    pub drain_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -73,6 +73,10 @@ pub enum Status {
         port: u16,
         reason: String,
     },
+    /// Stopping: the relay sends no new connections; open ones finish.
+    Draining {
+        port: u16,
+    },
 }
 
 /// An open tunnel.
@@ -209,9 +213,15 @@ impl Client {
         let result = loop {
             let port = self.tunnel.port;
             let span = info_span!("tunnel", port, transport = %self.tunnel.connection.transport());
-            let ended = serve_tunnel(&mut self.tunnel, &mut self.token, &self.config, &shutdown)
-                .instrument(span)
-                .await;
+            let ended = serve_tunnel(
+                &mut self.tunnel,
+                &mut self.token,
+                &self.config,
+                &self.status,
+                &shutdown,
+            )
+            .instrument(span)
+            .await;
             let reason = match ended {
                 Ended::Stopped => break Ok(()),
                 Ended::Lost(reason) => reason,
@@ -378,6 +388,7 @@ async fn serve_tunnel(
     tunnel: &mut Tunnel,
     token: &mut Token,
     config: &ClientConfig,
+    status: &watch::Sender<Status>,
     shutdown: &CancellationToken,
 ) -> Ended {
     let streams = TaskTracker::new();
@@ -427,7 +438,7 @@ async fn serve_tunnel(
     };
     match ended {
         Ended::Stopped => {
-            drain(tunnel, streams, config.shutdown_timeout).await;
+            drain(tunnel, streams, status, config.shutdown_timeout).await;
             Ended::Stopped
         }
         // A relay that is going away keeps carrying open connections for its drain
@@ -447,13 +458,19 @@ async fn serve_tunnel(
 
 /// Finishing the control stream asks the relay to stop sending new connections and
 /// release the port; it closes the connection once open ones end.
-async fn drain(tunnel: &mut Tunnel, streams: TaskTracker, limit: Duration) {
+async fn drain(
+    tunnel: &mut Tunnel,
+    streams: TaskTracker,
+    status: &watch::Sender<Status>,
+    limit: Duration,
+) {
     info!(
         port = tunnel.port,
         open = streams.len(),
         "stopping: letting open connections finish"
     );
     tunnel.control_send.finish();
+    status.send_replace(Status::Draining { port: tunnel.port });
     streams.close();
     if tokio::time::timeout(limit, streams.wait()).await.is_err() {
         warn!(

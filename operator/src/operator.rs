@@ -127,6 +127,7 @@ pub async fn run(
             settings: sidecar::Settings::from_config(&config, mode),
             excluded_namespaces: vec![config.namespace.clone(), "kube-system".into()],
             require_consent: config.require_pod_consent,
+            drain_token: sidecar::new_drain_token,
         },
         metrics: metrics.clone(),
         recorder: recorder.clone(),

@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, HTTPGetAction, Pod, Probe, ResourceRequirements,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, EnvVar, HTTPGetAction, HTTPHeader, LifecycleHandler, Pod, Probe,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -151,8 +151,15 @@ pub fn health_port(pod: &Pod, base: u16, local_port: i32) -> Option<u16> {
 /// whenever the kubelet refreshes it), trusts exactly the relay's certificate, tries
 /// QUIC then TLS over TCP, retries forever while the relay starts, and reports on
 /// `/readyz` whether its tunnel is up, so the pod turns Ready only once it serves.
-/// Its security context passes the Pod Security "restricted" level.
-pub fn container(settings: &Settings, target: Target<'_>, health_port: u16) -> Container {
+/// Its security context passes the Pod Security "restricted" level. `drain_token`
+/// guards its `/drain` endpoint, which the app containers' preStop hooks call
+/// ([`pre_stop_drain`]).
+pub fn container(
+    settings: &Settings,
+    target: Target<'_>,
+    health_port: u16,
+    drain_token: &str,
+) -> Container {
     let plain = |name: &str, value: String| EnvVar {
         name: name.into(),
         value: Some(value),
@@ -187,6 +194,7 @@ pub fn container(settings: &Settings, target: Target<'_>, health_port: u16) -> C
             plain("LOCALUP_CONNECT_TIMEOUT", "0".into()),
             plain("LOCALUP_TRANSPORT", "auto".into()),
             plain("LOCALUP_HEALTH_ADDR", format!("0.0.0.0:{health_port}")),
+            plain("LOCALUP_DRAIN_TOKEN", drain_token.to_owned()),
             plain("LOCALUP_LOG_FORMAT", log_format.into()),
         ]),
         volume_mounts: Some(vec![VolumeMount {
@@ -226,6 +234,31 @@ pub fn container(settings: &Settings, target: Target<'_>, health_port: u16) -> C
         }),
         ..Default::default()
     }
+}
+
+/// The preStop hook given to each app container that has none: before the kubelet
+/// stops the app, it asks the sidecar to drain, so the relay sends the pod no new
+/// connection once the app may have stopped listening (a native sidecar is itself
+/// stopped only after the app has exited). The hook returns once the relay was told.
+pub fn pre_stop_drain(health_port: u16, drain_token: &str) -> LifecycleHandler {
+    LifecycleHandler {
+        http_get: Some(HTTPGetAction {
+            path: Some("/drain".into()),
+            port: IntOrString::Int(i32::from(health_port)),
+            http_headers: Some(vec![HTTPHeader {
+                name: "Authorization".into(),
+                value: format!("Bearer {drain_token}"),
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A fresh secret for one pod's `/drain` endpoint: 128 random bits, hex.
+pub fn new_drain_token() -> String {
+    let bits: u128 = rand::random();
+    format!("{bits:032x}")
 }
 
 /// The whole token Secret (token and ca.crt), mounted read-only at [`CONFIG_DIR`]; the
@@ -304,7 +337,7 @@ mod tests {
 
     #[test]
     fn the_sidecar_reads_its_token_from_the_mounted_secret() {
-        let container = container(&settings(Mode::Container), TARGET, 9808);
+        let container = container(&settings(Mode::Container), TARGET, 9808, "drain");
         assert_eq!(container.name, "localup-client");
         assert_eq!(container.image.as_deref(), Some("img:1"));
         assert_eq!(
@@ -355,7 +388,7 @@ mod tests {
 
     #[test]
     fn native_sidecars_restart_always() {
-        let container = container(&settings(Mode::Native), TARGET, 9808);
+        let container = container(&settings(Mode::Native), TARGET, 9808, "drain");
         assert_eq!(container.restart_policy.as_deref(), Some("Always"));
     }
 
@@ -363,7 +396,7 @@ mod tests {
     #[test]
     fn the_sidecar_passes_pod_security_restricted() {
         for mode in [Mode::Native, Mode::Container] {
-            let container = container(&settings(mode), TARGET, 9808);
+            let container = container(&settings(mode), TARGET, 9808, "drain");
             let security = container.security_context.unwrap();
             assert_eq!(security.run_as_non_root, Some(true));
             assert_ne!(security.run_as_user, Some(0));

@@ -39,6 +39,8 @@ pub struct Injector {
     pub excluded_namespaces: Vec<String>,
     /// Inject only pods annotated `localup.dev/inject: "true"`.
     pub require_consent: bool,
+    /// A new secret for each pod's drain endpoint ([`sidecar::new_drain_token`]).
+    pub drain_token: fn() -> String,
 }
 
 #[derive(Debug)]
@@ -127,7 +129,8 @@ pub fn decide(
     else {
         return Decision::Skip("no free port for the sidecar's health endpoint");
     };
-    let container = sidecar::container(settings, target, health_port);
+    let drain_token = (injector.drain_token)();
+    let container = sidecar::container(settings, target, health_port, &drain_token);
     let spec = pod.spec.clone().unwrap_or_default();
     let mut operations = vec![match settings.mode {
         Mode::Native => match spec.init_containers.as_deref() {
@@ -138,6 +141,22 @@ pub fn decide(
         },
         Mode::Container => json!({"op": "add", "path": "/spec/containers/-", "value": container}),
     }];
+    let pre_stop = sidecar::pre_stop_drain(health_port, &drain_token);
+    for (index, app) in spec.containers.iter().enumerate() {
+        let path = format!("/spec/containers/{index}/lifecycle");
+        match &app.lifecycle {
+            None => {
+                operations.push(json!({"op": "add", "path": path, "value": {"preStop": pre_stop}}))
+            }
+            Some(lifecycle) if lifecycle.pre_stop.is_none() => {
+                operations.push(
+                    json!({"op": "add", "path": format!("{path}/preStop"), "value": pre_stop}),
+                );
+            }
+            // The app's own hook stays: it decides how its container stops.
+            Some(_) => {}
+        }
+    }
     let volume = sidecar::volume(secret);
     operations.push(match spec.volumes {
         Some(_) => json!({"op": "add", "path": "/spec/volumes/-", "value": volume}),
@@ -283,8 +302,11 @@ async fn mutate(
 mod tests {
     use std::collections::BTreeMap;
 
-    use k8s_openapi::api::core::v1::{Container, ContainerPort};
+    use k8s_openapi::api::core::v1::{
+        Container, ContainerPort, ExecAction, Lifecycle, LifecycleHandler,
+    };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     use k8s_openapi::jiff::Timestamp;
     use localup_runtime::logging::LogFormat;
 
@@ -307,6 +329,7 @@ mod tests {
             },
             excluded_namespaces: vec!["localup-system".into()],
             require_consent: false,
+            drain_token: || "drain".into(),
         }
     }
 
@@ -454,6 +477,86 @@ mod tests {
             ),
             Decision::Skip(_)
         ));
+    }
+
+    /// The kubelet runs a container's preStop hook before it signals the container: each
+    /// app container without a hook of its own asks the sidecar to drain first.
+    #[test]
+    fn app_containers_drain_the_sidecar_before_they_stop() {
+        let tunnels = tunnels(vec![TcpTunnel::test().provisioned(16432)]);
+        let own_hook = LifecycleHandler {
+            exec: Some(ExecAction {
+                command: Some(vec!["nginx".into(), "-s".into(), "quit".into()]),
+            }),
+            ..Default::default()
+        };
+        let mut original = app_pod().with_container("metrics").with_container("proxy");
+        let containers = &mut original.spec.as_mut().unwrap().containers;
+        containers[1].lifecycle = Some(Lifecycle {
+            post_start: Some(own_hook.clone()),
+            ..Default::default()
+        });
+        containers[2].lifecycle = Some(Lifecycle {
+            pre_stop: Some(own_hook.clone()),
+            ..Default::default()
+        });
+        for mode in [Mode::Native, Mode::Container] {
+            let patched = apply(
+                decide(&original, "dev", &tunnels, &injector(mode)),
+                &original,
+            );
+            let spec = patched.spec.as_ref().unwrap();
+            let sidecar = sidecar::find(&patched).unwrap();
+            let env = |name: &str| {
+                let vars = sidecar.env.as_ref().unwrap();
+                vars.iter()
+                    .find(|var| var.name == name)
+                    .and_then(|var| var.value.clone())
+            };
+            assert_eq!(env("LOCALUP_DRAIN_TOKEN").as_deref(), Some("drain"));
+            assert_eq!(env("LOCALUP_HEALTH_ADDR").as_deref(), Some("0.0.0.0:9808"));
+            let pre_stop = |index: usize| {
+                spec.containers[index]
+                    .lifecycle
+                    .as_ref()
+                    .unwrap()
+                    .pre_stop
+                    .clone()
+            };
+            let drain = pre_stop(0).unwrap().http_get.unwrap();
+            assert_eq!(drain.path.as_deref(), Some("/drain"));
+            assert_eq!(drain.port, IntOrString::Int(9808));
+            let header = &drain.http_headers.unwrap()[0];
+            assert_eq!(
+                (header.name.as_str(), header.value.as_str()),
+                ("Authorization", "Bearer drain")
+            );
+            assert!(
+                pre_stop(1).unwrap().http_get.is_some(),
+                "added beside a postStart hook"
+            );
+            assert_eq!(
+                spec.containers[1].lifecycle.as_ref().unwrap().post_start,
+                Some(own_hook.clone())
+            );
+            assert_eq!(
+                pre_stop(2),
+                Some(own_hook.clone()),
+                "the app's own preStop hook stays"
+            );
+        }
+    }
+
+    #[test]
+    fn every_pod_gets_a_drain_token_of_its_own() {
+        let tokens: std::collections::HashSet<String> =
+            (0..100).map(|_| sidecar::new_drain_token()).collect();
+        assert_eq!(tokens.len(), 100);
+        assert!(
+            tokens
+                .iter()
+                .all(|token| token.len() == 32 && token.chars().all(|c| c.is_ascii_hexdigit()))
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ the operator suite in tests/k8s.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -64,6 +65,35 @@ FIGURES: list[str] = []
 def report(request):
     """Records a figure (a count of failures, a recovery time) for the run's summary."""
     return lambda text: FIGURES.append(f"{request.node.name}: {text}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """When a test fails, the logs of the relay and operator pods and of every pod in the
+    test's namespaces go to $LOCALUP_K8S_ARTIFACTS/cluster/TEST/ before the fixtures
+    delete them: the pods' logs are the only record of what the system did."""
+    report = yield
+    if report.failed and call.when == "call" and os.environ.get("LOCALUP_K8S_ARTIFACTS"):
+        save_pod_logs(item)
+    return report
+
+
+def save_pod_logs(item) -> None:
+    out = Path(os.environ["LOCALUP_K8S_ARTIFACTS"]) / "cluster" / item.name
+    out.mkdir(parents=True, exist_ok=True)
+    spaces = item.funcargs.get("namespaces")
+    for namespace in [SYSTEM_NS, *(spaces.created if spaces else [])]:
+        pods = subprocess.run(["kubectl", "get", "pods", "-n", namespace, "-o", "name"],
+                              capture_output=True, text=True, timeout=30).stdout.split()
+        for pod in pods:
+            for previous in ([], ["--previous"]):
+                logs = subprocess.run(["kubectl", "logs", "-n", namespace, pod, "--all-containers",
+                                       "--prefix", "--timestamps", *previous],
+                                      capture_output=True, text=True, timeout=30)
+                if logs.stdout:
+                    suffix = ".previous" if previous else ""
+                    (out / f"{namespace}.{pod.split('/')[-1]}{suffix}.log").write_text(logs.stdout)
+    print(f"pod logs saved in {out}")
 
 
 def pytest_terminal_summary(terminalreporter):
